@@ -1,0 +1,254 @@
+"""Typed, frozen configuration: ``conf/base.yaml``, then ``conf/<env>.yaml``, then ``--set`` overrides.
+
+Every value is validated before Spark starts. An error names the file that set the key, the key
+and the allowed range, e.g. ``conf/local.yaml: knn.k must be >= 1, got 0``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_override", "CONF_DIR"]
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MODALITIES = ("text", "image", "metadata", "behaviour")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names file, key and range."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparkConfig(_Section):
+    master: str = "local[*]"
+    app_name: str = "recsys"
+    driver_memory: str = Field("4g", pattern=r"^\d+[kmgt]$")
+    shuffle_partitions: int = Field(8, ge=1, le=100_000)
+    warehouse_dir: str = "spark-warehouse"
+    delta_from_pip: bool = True
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class DataConfig(_Section):
+    source: Literal["hm", "fashion_products"] = "fashion_products"
+    path: str = "data/sample/fashion"
+    database: str = Field("recsys", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class TextConfig(_Section):
+    enabled: bool = True
+    model: str | None = None
+    template: str = "{name}. {category_l3}, {category_l2}. {colour}. {description}"
+    batch_size: int = Field(64, ge=1, le=4096)
+    max_length: int = Field(128, ge=8, le=512)
+    arrow_batch_size: int = Field(1000, ge=1, le=100_000)
+    torch_threads: int = Field(0, ge=0, le=256)
+
+    @field_validator("template")
+    @classmethod
+    def _known_fields(cls, value: str) -> str:
+        from recsys.sources.schema import TEMPLATE_FIELDS, template_fields
+
+        unknown = sorted(set(template_fields(value)) - set(TEMPLATE_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"uses unknown field(s) {unknown}; allowed: {sorted(TEMPLATE_FIELDS)}"
+            )
+        return value
+
+
+class MetadataConfig(_Section):
+    enabled: bool = True
+    columns: tuple[str, ...] = ("category_l1", "category_l2", "category_l3", "colour")
+    attributes: tuple[str, ...] = ()
+    column_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("column_weights")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, weight in value.items():
+            if weight <= 0:
+                raise ValueError(f"weight of {key!r} must be > 0, got {weight}")
+        return value
+
+
+class FusionConfig(_Section):
+    weights: dict[str, float] = Field(default_factory=lambda: {"text": 1.0, "metadata": 0.5})
+
+    @field_validator("weights")
+    @classmethod
+    def _known_modalities(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, weight in value.items():
+            if key not in MODALITIES:
+                raise ValueError(f"modality {key!r} is not one of {list(MODALITIES)}")
+            if weight < 0:
+                raise ValueError(f"weight of {key!r} must be >= 0, got {weight}")
+        if not any(w > 0 for w in value.values()):
+            raise ValueError("at least one modality needs a weight > 0")
+        return value
+
+
+class LSHConfig(_Section):
+    bands: int = Field(24, ge=1, le=512)
+    bits_per_band: int = Field(14, ge=1, le=62)
+    max_bucket_size: int = Field(4000, ge=2, le=1_000_000)
+    seed: int = 42
+
+
+class KNNConfig(_Section):
+    k: int = Field(12, ge=1, le=1000)
+    backend: Literal["lsh", "exact"] = "lsh"
+    lsh: LSHConfig = Field(default_factory=LSHConfig)
+    modalities: tuple[str, ...] = ("fused", "text", "metadata")
+    recall_sample: int = Field(500, ge=0, le=100_000)
+    block_size: int = Field(2048, ge=16, le=65_536)
+
+    @field_validator("modalities")
+    @classmethod
+    def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if name != "fused" and name not in MODALITIES:
+                raise ValueError(f"{name!r} is not 'fused' or one of {list(MODALITIES)}")
+        return value
+
+
+class Config(_Section):
+    """The whole run configuration. Sections mirror ``conf/base.yaml``."""
+
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    metadata: MetadataConfig = Field(default_factory=MetadataConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    knn: KNNConfig = Field(default_factory=KNNConfig)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one ``--set a.b=c`` override into a key path and a YAML-typed value.
+
+    Raises:
+        ConfigError: if ``item`` has no ``=`` or an empty key.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. knn.k=20")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def _merge(
+    into: dict[str, Any], layer: Mapping[str, Any], origin: str, origins: dict[str, str], prefix: str = ""
+) -> None:
+    for key, value in layer.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origin, origins, f"{path}.")
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+            origins[path] = origin
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    bounds = {
+        "greater_than_equal": ">= {ge}",
+        "greater_than": "> {gt}",
+        "less_than_equal": "<= {le}",
+        "less_than": "< {lt}",
+    }
+    if kind in bounds:
+        return "must be " + bounds[kind].format(**ctx)
+    if kind == "extra_forbidden":
+        return "is not a known key"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def load_config(
+    env: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    base: str | Path | None = None,
+) -> Config:
+    """Load ``base.yaml``, then the environment file, then ``--set`` overrides, and validate.
+
+    Args:
+        env: an environment name (``local`` → ``conf/local.yaml``) or a path to a YAML file;
+            ``None`` for the base file alone.
+        overrides: ``KEY=VALUE`` strings (``knn.k=20``); values are parsed as YAML.
+        base: the base file; defaults to ``conf/base.yaml`` next to the package.
+
+    Returns:
+        The frozen, validated :class:`Config`.
+
+    Raises:
+        ConfigError: a file is missing or not YAML, or a value is unknown or out of range; the
+            message names the file (or ``--set``), the key and the allowed range.
+    """
+    base_path = Path(base) if base else CONF_DIR / "base.yaml"
+    layers: list[tuple[str, dict[str, Any]]] = [(str(base_path), _read_yaml(base_path))]
+    if env is not None:
+        env_path = Path(env)
+        if env_path.suffix not in (".yaml", ".yml"):
+            env_path = base_path.parent / f"{env}.yaml"
+        layers.append((str(env_path), _read_yaml(env_path)))
+    set_layer: dict[str, Any] = {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = set_layer
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    layers.append(("--set", set_layer))
+
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for origin, layer in layers:
+        _merge(merged, layer, origin, origins)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        lines = []
+        for error in err.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            origin = next(
+                (origins[k] for k in _prefixes(key) if k in origins), str(base_path)
+            )
+            got = "" if error["type"] == "extra_forbidden" else f", got {error.get('input')!r}"
+            lines.append(f"{origin}: {key} {_describe(error)}{got}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _prefixes(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def default_env() -> str:
+    """The environment name from ``RECSYS_ENV`` (default ``local``)."""
+    return os.environ.get("RECSYS_ENV", "local")

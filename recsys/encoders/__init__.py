@@ -1,0 +1,1 @@
+"""Pure PyTorch encoders (no Spark): what the pandas UDFs in :mod:`recsys.inference` call."""

@@ -1,0 +1,113 @@
+"""The one place that builds the SparkSession.
+
+Locally (``spark.master`` set and not under ``spark-submit``) Delta comes in through
+:func:`delta.configure_spark_with_delta_pip`, which asks Maven Central for
+``io.delta:delta-spark_<spark major.minor>_2.13``. Tables live in a Hive-compatible catalog whose
+Derby metastore and warehouse sit under ``spark.warehouse_dir``, so ``recsys.*`` tables stay
+registered between runs. Under ``spark-submit`` the master, packages and resources come from the
+command line and the cluster; only the SQL extensions and settings recsys depends on are added.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from recsys.config import Config
+
+logger = logging.getLogger(__name__)
+
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+
+class SparkStartError(RuntimeError):
+    """Spark could not start; the message says the likely cause and the fix."""
+
+
+def under_spark_submit() -> bool:
+    """True when this Python process was launched by ``spark-submit`` (the JVM is already up)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ or "SPARK_SUBMIT_OPTS" in os.environ
+
+
+def warehouse_path(cfg: Config) -> Path:
+    """The absolute local warehouse folder (``spark.warehouse_dir``)."""
+    return Path(cfg.spark.warehouse_dir).expanduser().resolve()
+
+
+def build_spark(cfg: Config) -> SparkSession:
+    """Build (or return the active) SparkSession for ``cfg``.
+
+    Args:
+        cfg: the run configuration; ``cfg.spark`` sets master, driver memory, shuffle
+            partitions, the warehouse folder and extra ``spark.*`` settings.
+
+    Returns:
+        A session with Delta's SQL extension and catalog, Arrow on, and the ``recsys`` settings.
+
+    Raises:
+        SparkStartError: the JVM did not start, most often because the Delta jars could not be
+            fetched from Maven Central (no network, or a proxy Spark does not use).
+    """
+    settings: dict[str, str] = {
+        "spark.app.name": cfg.spark.app_name,
+        "spark.sql.extensions": DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
+        "spark.sql.session.timeZone": "UTC",
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+    }
+    local = not under_spark_submit()
+    if local:
+        warehouse = warehouse_path(cfg)
+        warehouse.mkdir(parents=True, exist_ok=True)
+        settings.update(
+            {
+                "spark.master": cfg.spark.master,
+                "spark.driver.memory": cfg.spark.driver_memory,
+                "spark.ui.showConsoleProgress": "false",
+                "spark.sql.warehouse.dir": str(warehouse),
+                "spark.sql.catalogImplementation": "hive",
+                "spark.hadoop.javax.jdo.option.ConnectionURL": (
+                    f"jdbc:derby:;databaseName={warehouse / 'metastore_db'};create=true"
+                ),
+                "spark.driver.extraJavaOptions": f"-Dderby.system.home={warehouse}",
+            }
+        )
+        # Python workers run the driver's interpreter (the virtual environment), not whatever
+        # `python3` is first on PATH; pyspark reads only the environment variable for this.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    settings.update(cfg.spark.conf)
+
+    builder = SparkSession.builder
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    if local and cfg.spark.delta_from_pip:
+        from delta import configure_spark_with_delta_pip
+
+        builder = configure_spark_with_delta_pip(builder)
+    try:
+        spark = builder.getOrCreate()
+    except Exception as err:  # the JVM's own failure arrives as a generic PySparkRuntimeError
+        if "JAVA_GATEWAY_EXITED" in str(err) or "Java gateway" in str(err):
+            raise SparkStartError(
+                "Spark's JVM exited before it started. With delta_from_pip on, the usual cause is "
+                "that the Delta jars (io.delta:delta-spark_2.13) could not be fetched from Maven "
+                "Central: check the network, or put the jars in a folder and pass them with "
+                "--set spark.delta_from_pip=false --set spark.conf.spark.jars=<jar,jar>. "
+                f"Original error: {err}"
+            ) from err
+        raise
+    spark.sparkContext.setLogLevel("WARN")
+    logger.info(
+        "spark %s, master %s, warehouse %s",
+        spark.version,
+        spark.sparkContext.master,
+        spark.conf.get("spark.sql.warehouse.dir"),
+    )
+    return spark

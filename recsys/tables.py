@@ -1,0 +1,310 @@
+"""Every Delta table recsys writes: name, schema, key, partitioning and comments, in one place.
+
+Writers go through :func:`merge` (upsert on the table's key) or :func:`replace` (overwrite the
+rows a predicate selects, in one Delta commit), so readers always see a complete version.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    ArrayType,
+    DateType,
+    DoubleType,
+    FloatType,
+    IntegerType,
+    LongType,
+    MapType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One Delta table: ``name`` within the database, its schema, key and partition columns."""
+
+    name: str
+    schema: StructType
+    key: tuple[str, ...]
+    partition_by: tuple[str, ...] = ()
+    comment: str = ""
+
+
+def _f(name: str, dtype: object, comment: str, nullable: bool = True) -> StructField:
+    return StructField(name, dtype, nullable, metadata={"comment": comment})  # type: ignore[arg-type]
+
+
+S, TS = StringType(), TimestampType()
+
+ARTICLES = TableSpec(
+    "articles",
+    StructType(
+        [
+            _f("article_id", S, "article key (H&M: 10-digit zero-padded string)", False),
+            _f("product_group_id", S, "product shared by colour/size variants"),
+            _f("name", S, "display name"),
+            _f("description", S, "free-text description, may be empty"),
+            _f("category_l1", S, "broadest category level"),
+            _f("category_l2", S, "middle category level"),
+            _f("category_l3", S, "finest category level: the product type"),
+            _f("colour", S, "colour name"),
+            _f("attributes", MapType(S, S), "every other source attribute"),
+            _f("image_path", S, "image path or URI; null when the article has no image"),
+            _f("source", S, "source adapter and file the row came from"),
+            _f("content_hash", S, "sha256 of the canonical fields; changes when the article does"),
+            _f("ingested_at", TS, "when this version of the row was written"),
+            _f("run_id", S, "run that wrote this version"),
+        ]
+    ),
+    key=("article_id",),
+    comment="The catalogue as ingested, in the canonical schema.",
+)
+
+CUSTOMERS = TableSpec(
+    "customers",
+    StructType(
+        [
+            _f("customer_id", S, "customer key (H&M: 64 hex characters)", False),
+            _f("fn", DoubleType(), "H&M FN flag (1.0 or null)"),
+            _f("active", DoubleType(), "H&M Active flag (1.0 or null)"),
+            _f("club_member_status", S, "ACTIVE, PRE-CREATE, LEFT CLUB or null"),
+            _f("fashion_news_frequency", S, "NONE, Regularly, Monthly or null"),
+            _f("age", IntegerType(), "age in years, null when unknown"),
+            _f("postal_code", S, "hashed postal code"),
+            _f("ingested_at", TS, "when this version of the row was written"),
+            _f("run_id", S, "run that wrote this version"),
+        ]
+    ),
+    key=("customer_id",),
+    comment="Customers as ingested.",
+)
+
+TRANSACTIONS = TableSpec(
+    "transactions",
+    StructType(
+        [
+            _f("t_dat", DateType(), "purchase date", False),
+            _f("customer_id", S, "buyer", False),
+            _f("article_id", S, "article bought", False),
+            _f("row_number", LongType(), "line in the source file (identical lines are separate units)", False),
+            _f("price", DoubleType(), "price as given (H&M: scaled)"),
+            _f("sales_channel_id", IntegerType(), "1 store, 2 online"),
+            _f("run_id", S, "run that wrote this row"),
+        ]
+    ),
+    key=("t_dat", "customer_id", "article_id", "row_number"),
+    partition_by=("t_dat",),
+    comment="Purchases as ingested, partitioned by date.",
+)
+
+QUARANTINE = TableSpec(
+    "quarantine",
+    StructType(
+        [
+            _f("run_id", S, "run that rejected the record", False),
+            _f("source", S, "file (or table) the record came from", False),
+            _f("row", LongType(), "line number in the file (1 = first line, the header)", False),
+            _f("record", S, "the raw record as read"),
+            _f("reason", S, "why it was rejected"),
+            _f("stage", S, "stage that rejected it: ingest, embed, ..."),
+            _f("quarantined_at", TS, "when it was rejected"),
+        ]
+    ),
+    key=("run_id", "source", "row"),
+    comment="Rejected input records with the reason; input = accepted + quarantined.",
+)
+
+ITEM_EMBEDDINGS = TableSpec(
+    "item_embeddings",
+    StructType(
+        [
+            _f("article_id", S, "article key", False),
+            _f("modality", S, "text, image, metadata, behaviour or fused", False),
+            _f("model_id", S, "model (or encoder/fusion recipe) that produced the vector", False),
+            _f("vector", ArrayType(FloatType(), False), "embedding, float32, L2-normalised"),
+            _f("dim", IntegerType(), "length of vector"),
+            _f("content_hash", S, "hash of the input the vector was computed from"),
+            _f("run_id", S, "run that wrote this vector"),
+        ]
+    ),
+    key=("article_id", "modality", "model_id"),
+    partition_by=("modality",),
+    comment="One L2-normalised vector per article, modality and model.",
+)
+
+ITEM_NEIGHBOURS = TableSpec(
+    "item_neighbours",
+    StructType(
+        [
+            _f("article_id", S, "query article", False),
+            _f("modality", S, "vector space the neighbours were found in", False),
+            _f("rank", IntegerType(), "1..K, no gaps", False),
+            _f("neighbour_id", S, "neighbouring article (never the query itself)", False),
+            _f("score", FloatType(), "cosine similarity"),
+            _f("run_id", S, "run that wrote this row"),
+        ]
+    ),
+    key=("article_id", "modality", "rank"),
+    partition_by=("modality",),
+    comment="Top-K nearest neighbours per article and modality (score desc, then id asc).",
+)
+
+ITEM_RECOMMENDATIONS = TableSpec(
+    "item_recommendations",
+    StructType(
+        [
+            _f("article_id", S, "query article", False),
+            _f("rank", IntegerType(), "1..K, no gaps", False),
+            _f("recommended_id", S, "recommended article", False),
+            _f("score", FloatType(), "fused cosine similarity"),
+            _f("modality_scores", MapType(S, FloatType()), "cosine per modality (absent: no vector)"),
+            _f("run_id", S, "run that wrote this row"),
+        ]
+    ),
+    key=("article_id", "rank"),
+    comment="The served similar-items list per article.",
+)
+
+CUSTOMER_RECOMMENDATIONS = TableSpec(
+    "customer_recommendations",
+    StructType(
+        [
+            _f("customer_id", S, "customer", False),
+            _f("rank", IntegerType(), "1..12", False),
+            _f("article_id", S, "recommended article", False),
+            _f("score", FloatType(), "ranking score"),
+            _f("reason", S, "similar_to:<article_id>, repurchase or popular"),
+            _f("run_id", S, "run that wrote this row"),
+        ]
+    ),
+    key=("customer_id", "rank"),
+    comment="Top-12 per customer (H&M competition format).",
+)
+
+RUNS = TableSpec(
+    "runs",
+    StructType(
+        [
+            _f("run_id", S, "run key", False),
+            _f("started_at", TS, "start time"),
+            _f("ended_at", TS, "end time"),
+            _f("status", S, "succeeded or failed"),
+            _f("stages", S, "the stages run, in order"),
+            _f("config", S, "the validated configuration, JSON"),
+            _f("report", S, "the run report, JSON: counts and seconds per stage"),
+        ]
+    ),
+    key=("run_id",),
+    comment="What each run did.",
+)
+
+METRICS = TableSpec(
+    "metrics",
+    StructType(
+        [
+            _f("run_id", S, "run key", False),
+            _f("name", S, "metric name, e.g. knn.fused.recall_at_k", False),
+            _f("value", DoubleType(), "the figure"),
+            _f("stage", S, "stage that measured it"),
+            _f("detail", S, "how it was measured"),
+            _f("recorded_at", TS, "when it was measured"),
+        ]
+    ),
+    key=("run_id", "name"),
+    comment="Counts, timings and quality figures per run.",
+)
+
+ALL_TABLES: tuple[TableSpec, ...] = (
+    ARTICLES,
+    CUSTOMERS,
+    TRANSACTIONS,
+    QUARANTINE,
+    ITEM_EMBEDDINGS,
+    ITEM_NEIGHBOURS,
+    ITEM_RECOMMENDATIONS,
+    CUSTOMER_RECOMMENDATIONS,
+    RUNS,
+    METRICS,
+)
+
+
+def qualified(database: str, spec: TableSpec) -> str:
+    """``database.table`` for ``spec``."""
+    return f"{database}.{spec.name}"
+
+
+def ensure_tables(spark: SparkSession, database: str) -> None:
+    """Create the database and every table in :data:`ALL_TABLES` if missing.
+
+    Existing tables are left as they are; their schema must match (Delta raises on a MERGE that
+    does not fit).
+    """
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {database}")
+    for spec in ALL_TABLES:
+        builder = (
+            DeltaTable.createIfNotExists(spark)
+            .tableName(qualified(database, spec))
+            .addColumns(spec.schema)
+            .comment(spec.comment)
+        )
+        if spec.partition_by:
+            builder = builder.partitionedBy(*spec.partition_by)
+        builder.execute()
+
+
+def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
+    """Select and cast ``df``'s columns to ``spec``'s schema, in order.
+
+    Raises:
+        ValueError: if ``df`` lacks a column of the table, naming the table and column.
+    """
+    missing = [f.name for f in spec.schema.fields if f.name not in df.columns]
+    if missing:
+        raise ValueError(f"table {spec.name}: input lacks column(s) {missing}")
+    return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in spec.schema.fields])
+
+
+def merge(spark: SparkSession, database: str, spec: TableSpec, df: DataFrame) -> None:
+    """Upsert ``df`` into the table on its key, in one Delta commit.
+
+    Rows whose key exists are updated in full; new keys are inserted; nothing is deleted.
+    ``df`` must hold each key at most once (Delta raises otherwise).
+    """
+    target = DeltaTable.forName(spark, qualified(database, spec))
+    condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.key)
+    (
+        target.alias("t")
+        .merge(conform(df, spec).alias("s"), condition)
+        .whenMatchedUpdateAll()
+        .whenNotMatchedInsertAll()
+        .execute()
+    )
+
+
+def replace(spark: SparkSession, database: str, spec: TableSpec, df: DataFrame, where: str) -> None:
+    """Replace the rows matching the SQL predicate ``where`` with ``df``, in one Delta commit.
+
+    Every row of ``df`` must satisfy ``where`` (Delta's ``replaceWhere`` checks it).
+    """
+    (
+        conform(df, spec)
+        .write.format("delta")
+        .mode("overwrite")
+        .option("replaceWhere", where)
+        .saveAsTable(qualified(database, spec))
+    )
+
+
+def read(spark: SparkSession, database: str, spec: TableSpec) -> DataFrame:
+    """The current version of a table."""
+    return spark.table(qualified(database, spec))
