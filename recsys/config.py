@@ -99,7 +99,8 @@ class FusionConfig(_Section):
 
 class LSHConfig(_Section):
     bands: int = Field(24, ge=1, le=512)
-    bits_per_band: int = Field(14, ge=1, le=62)
+    bits_per_band: int = Field(0, ge=0, le=40)
+    target_bucket_size: int = Field(256, ge=2, le=1_000_000)
     max_bucket_size: int = Field(4000, ge=2, le=1_000_000)
     seed: int = 42
 
@@ -141,7 +142,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. knn.k=20")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. a template with braces): the plain string
     return key.strip().split("."), value
 
 

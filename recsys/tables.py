@@ -151,6 +151,7 @@ ITEM_NEIGHBOURS = TableSpec(
             _f("rank", IntegerType(), "1..K, no gaps", False),
             _f("neighbour_id", S, "neighbouring article (never the query itself)", False),
             _f("score", FloatType(), "cosine similarity"),
+            _f("modality_scores", MapType(S, FloatType()), "fused only: the cosine in each modality"),
             _f("run_id", S, "run that wrote this row"),
         ]
     ),
@@ -296,13 +297,19 @@ def replace(spark: SparkSession, database: str, spec: TableSpec, df: DataFrame, 
 
     Every row of ``df`` must satisfy ``where`` (Delta's ``replaceWhere`` checks it).
     """
+    # Written by path: saveAsTable in overwrite mode would also rewrite the catalog entry.
     (
         conform(df, spec)
         .write.format("delta")
         .mode("overwrite")
         .option("replaceWhere", where)
-        .saveAsTable(qualified(database, spec))
+        .save(location(spark, database, spec))
     )
+
+
+def location(spark: SparkSession, database: str, spec: TableSpec) -> str:
+    """The storage location of a table (its Delta log lives under it)."""
+    return str(DeltaTable.forName(spark, qualified(database, spec)).detail().first()["location"])
 
 
 def read(spark: SparkSession, database: str, spec: TableSpec) -> DataFrame:

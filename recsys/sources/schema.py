@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 
 from pyspark.sql.types import MapType, StringType, StructField, StructType
@@ -63,11 +64,12 @@ def render_text(template: str, fields: dict[str, str | None]) -> str:
         The article text, a single line.
     """
     values = {name: (fields.get(name) or "").strip() for name in template_fields(template)}
-    text = template.format(**values)
-    text = " ".join(text.split())
-    while True:
-        cleaned = text.replace(". .", ".").replace(", .", ".").replace(" ,", ",").replace(",,", ",")
-        if cleaned == text:
-            break
-        text = cleaned
-    return text.strip(" .,") + ("." if text.strip(" .,") else "")
+    text = " ".join(template.format(**values).split())
+    # a run of separators left by empty values collapses to one: "." if it holds one, else ","
+    text = _SEPARATORS.sub(lambda m: "." if "." in m.group(0) else ",", text)
+    text = re.sub(r"\s+([.,])", r"\1", text)
+    text = text.strip(" ,.")
+    return f"{text}." if text else ""
+
+
+_SEPARATORS = re.compile(r"[.,](?:\s*[.,])+")

@@ -1,0 +1,217 @@
+"""The ``recsys`` command: one subcommand per stage, ``run`` for all, and lookups.
+
+    recsys run [--conf local] [--set knn.k=20] [--run-date 2026-11-21]
+    recsys ingest | embed | neighbours | recommend   (one stage)
+    recsys similar 0108775015                        (an article and its top-K)
+    recsys sql "SELECT * FROM recsys.item_recommendations WHERE article_id = '0108775015' ORDER BY rank"
+    recsys metrics [--run-id ID]
+
+Configuration errors are reported before Spark starts; exit codes: 0 ok, 1 stage failed,
+2 bad configuration or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from recsys.config import Config, ConfigError, default_env, load_config
+
+logger = logging.getLogger("recsys")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--conf", default=None,
+        help="environment name (conf/<name>.yaml) or a YAML file; default $RECSYS_ENV or 'local'",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--run-date", type=dt.date.fromisoformat, default=None, help="YYYY-MM-DD (default today, UTC)")
+    parser.add_argument("--run-id", default=None, help="run id (default run-<run date>)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="recsys", description="Batch product recommender on Spark and Delta Lake.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "run every stage: ingest, embed, neighbours, recommend"),
+        ("ingest", "read the source files into Delta (rejects to quarantine)"),
+        ("embed", "text, metadata and fused embeddings (incremental)"),
+        ("neighbours", "top-K neighbours per modality with LSH, recall against exact"),
+        ("recommend", "write item_recommendations from the fused neighbours"),
+    ):
+        _common(sub.add_parser(name, help=text))
+    similar = sub.add_parser("similar", help="print an article and its top-K recommendations")
+    _common(similar)
+    similar.add_argument("article_id")
+    similar.add_argument("--modality", default=None, help="show item_neighbours of this modality instead")
+    sql = sub.add_parser("sql", help="run a SQL query against the recsys tables")
+    _common(sql)
+    sql.add_argument("query")
+    sql.add_argument("--limit", type=int, default=100, help="rows to print")
+    metrics = sub.add_parser("metrics", help="print the metrics of a run (default: the latest)")
+    _common(metrics)
+    return parser
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Log lines with time and module to stderr; Spark's own logs stay at WARN."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.conf or default_env(), args.set)
+
+
+def _show(rows: list[Any], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) if rows else len(c) for c in columns]
+    sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)) + "\n")
+    for r in rows:
+        sys.stdout.write("  ".join(_fmt(r[c]).ljust(w) for c, w in zip(columns, widths)) + "\n")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(value.items()))
+    return "" if value is None else str(value)
+
+
+def _similar(spark: Any, cfg: Config, article_id: str, modality: str | None) -> int:
+    from pyspark.sql import functions as F
+
+    from recsys import tables
+
+    db = cfg.data.database
+    articles = tables.read(spark, db, tables.ARTICLES)
+    item = articles.where(F.col("article_id") == article_id).collect()
+    if not item:
+        sys.stderr.write(f"article_id {article_id!r} is not in {db}.articles\n")
+        return 2
+    a = item[0]
+    sys.stdout.write(f"{a['article_id']}  {a['name']}  [{a['category_l3']} / {a['colour']}]\n")
+    if modality:
+        recs = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(
+            (F.col("article_id") == article_id) & (F.col("modality") == modality)
+        ).select("rank", F.col("neighbour_id").alias("recommended_id"), "score", "modality_scores")
+    else:
+        recs = tables.read(spark, db, tables.ITEM_RECOMMENDATIONS).where(F.col("article_id") == article_id)
+    rows = (
+        recs.join(
+            articles.select(F.col("article_id").alias("recommended_id"), "name", "category_l3", "colour"),
+            "recommended_id",
+        )
+        .orderBy("rank")
+        .select("rank", "recommended_id", "name", "category_l3", "colour", "score", "modality_scores")
+        .collect()
+    )
+    if not rows:
+        sys.stdout.write("no recommendations for this article (run the pipeline first)\n")
+        return 0
+    _show(rows, ["rank", "recommended_id", "name", "category_l3", "colour", "score", "modality_scores"])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``recsys`` command and of every ``jobs/*.py``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        cfg = _load(args)
+    except ConfigError as err:
+        sys.stderr.write(f"configuration error:\n{err}\n")
+        return 2
+
+    from recsys.pipeline import STAGES, default_run_id, run
+    from recsys.session import SparkStartError, build_spark
+    from recsys.sources.base import SourceError
+
+    try:
+        spark = build_spark(cfg)
+    except SparkStartError as err:
+        sys.stderr.write(f"{err}\n")
+        return 2
+    run_id = args.run_id or default_run_id(args.run_date)
+    try:
+        if args.command in ("run", *STAGES):
+            stages = STAGES if args.command == "run" else (args.command,)
+            report = run(spark, cfg, run_id, stages)
+            logger.info("run %s report: %s", run_id, json.dumps(report, default=str))
+            if args.command in ("run", "recommend"):
+                _where(spark, cfg)
+            return 0
+        if args.command == "similar":
+            return _similar(spark, cfg, args.article_id, args.modality)
+        if args.command == "sql":
+            df = spark.sql(args.query)
+            rows = df.limit(args.limit).collect()
+            _show(rows, df.columns)
+            return 0
+        if args.command == "metrics":
+            return _metrics(spark, cfg, args.run_id)
+    except SourceError as err:
+        sys.stderr.write(f"input error: {err}\n")
+        return 2
+    except Exception as err:
+        logger.exception("%s failed: %s", args.command, err)
+        return 1
+    return 2
+
+
+def _metrics(spark: Any, cfg: Config, run_id: str | None) -> int:
+    from pyspark.sql import functions as F
+
+    from recsys import tables
+
+    db = cfg.data.database
+    if run_id is None:
+        latest = tables.read(spark, db, tables.RUNS).orderBy(F.col("started_at").desc()).limit(1).collect()
+        if not latest:
+            sys.stdout.write("no runs recorded yet\n")
+            return 0
+        run_id = latest[0]["run_id"]
+    rows = tables.read(spark, db, tables.METRICS).where(F.col("run_id") == run_id).orderBy("name").collect()
+    sys.stdout.write(f"metrics of {run_id}\n")
+    _show(rows, ["name", "value"])
+    return 0
+
+
+def _where(spark: Any, cfg: Config) -> None:
+    from recsys import tables
+    from recsys.session import under_spark_submit, warehouse_path
+
+    db = cfg.data.database
+    example = tables.read(spark, db, tables.ITEM_RECOMMENDATIONS).select("article_id").limit(1).collect()
+    article = example[0]["article_id"] if example else "<article_id>"
+    location = tables.location(spark, db, tables.ITEM_RECOMMENDATIONS)
+    conf = "" if cfg.data.source == "fashion_products" and cfg.data.path == "data/sample/fashion" else " --conf <same --conf/--set as the run>"
+    lines = [
+        "",
+        f"Recommendation tables are in the catalog database '{db}'"
+        + ("" if under_spark_submit() else f" (warehouse {warehouse_path(cfg)})") + ":",
+        f"  {db}.item_recommendations  {location}",
+        f"  {db}.item_neighbours, {db}.item_embeddings, {db}.articles, {db}.quarantine, {db}.runs, {db}.metrics",
+        "Query them:",
+        f"  .venv/bin/recsys similar {article}{conf}",
+        f"  .venv/bin/recsys sql \"SELECT * FROM {db}.item_recommendations WHERE article_id = '{article}' ORDER BY rank\"{conf}",
+        f"  .venv/bin/recsys metrics{conf}",
+        "",
+    ]
+    sys.stdout.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

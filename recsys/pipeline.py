@@ -1,0 +1,139 @@
+"""The stages in order: ingest → embed (text, metadata, fuse) → neighbours → recommend.
+
+Each stage is idempotent (MERGE on keys, or one-commit replacement of what it owns), so a
+rerun on the same inputs leaves the same tables. The run's report (counts and seconds per
+stage) goes to ``runs``, and every numeric figure in it to ``metrics``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, StringType, StructField, StructType
+
+from recsys import tables
+from recsys.config import Config
+from recsys.embed import embed_metadata, embed_text, fuse
+from recsys.ingest import ingest
+from recsys.recommend import current_model_ids, neighbours, recommend
+
+logger = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("ingest", "embed", "neighbours", "recommend")
+
+
+def default_run_id(run_date: dt.date | None = None) -> str:
+    """``run-<date>``: reruns on the same day replace that day's run (idempotent)."""
+    return f"run-{(run_date or dt.datetime.now(dt.timezone.utc).date()).isoformat()}"
+
+
+def embed(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
+    """Embed stage: text (incremental), metadata, then the fused vector."""
+    report: dict[str, Any] = {}
+    model_ids: dict[str, str] = {}
+    if cfg.text.enabled:
+        report["text"] = embed_text(spark, cfg, run_id)
+        model_ids["text"] = report["text"]["model_id"]
+    if cfg.metadata.enabled:
+        report["metadata"] = embed_metadata(spark, cfg, run_id)
+        model_ids["metadata"] = report["metadata"]["model_id"]
+    for modality, mid in current_model_ids(spark, cfg).items():
+        if modality not in ("fused", "text", "metadata"):
+            model_ids.setdefault(modality, mid)
+    report["fused"] = fuse(spark, cfg, run_id, model_ids)
+    return report
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[SparkSession, Config, str], dict[str, Any]]] = {
+    "ingest": ingest,
+    "embed": embed,
+    "neighbours": neighbours,
+    "recommend": recommend,
+}
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
+    if isinstance(value, bool):
+        out[prefix] = float(value)
+    elif isinstance(value, (int, float)):
+        out[prefix] = float(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}", item, out)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict) and "source" in item:
+                name = str(item["source"]).rstrip("/").rsplit("/", 1)[-1]
+                _flatten(f"{prefix}.{name}", {k: v for k, v in item.items() if k != "source"}, out)
+
+
+def record_run(
+    spark: SparkSession, cfg: Config, run_id: str, stages: Sequence[str], started: dt.datetime,
+    status: str, report: dict[str, Any],
+) -> None:
+    """Upsert the run into ``runs`` and its numeric figures into ``metrics``."""
+    db = cfg.data.database
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    run = spark.createDataFrame(
+        [(run_id, started, now, status, ",".join(stages), cfg.model_dump_json(), json.dumps(report, default=str))],
+        "run_id string, started_at timestamp, ended_at timestamp, status string, stages string, config string, report string",
+    )
+    tables.merge(spark, db, tables.RUNS, run)
+    figures: dict[str, float] = {}
+    for stage, value in report.items():
+        _flatten(stage, value, figures)
+    if figures:
+        schema = StructType(
+            [StructField("name", StringType()), StructField("value", DoubleType()), StructField("stage", StringType())]
+        )
+        rows = [(name, value, name.split(".", 1)[0]) for name, value in sorted(figures.items())]
+        metrics = spark.createDataFrame(rows, schema).select(
+            F.lit(run_id).alias("run_id"), "name", "value", "stage",
+            F.lit("recorded by the pipeline from the stage report").alias("detail"),
+            F.current_timestamp().alias("recorded_at"),
+        )
+        tables.merge(spark, db, tables.METRICS, metrics)
+
+
+def run(spark: SparkSession, cfg: Config, run_id: str, stages: Sequence[str] = STAGES) -> dict[str, Any]:
+    """Run ``stages`` in order and record the run.
+
+    Args:
+        spark: the session.
+        cfg: the validated configuration.
+        run_id: written on every output row.
+        stages: a subsequence of :data:`STAGES`.
+
+    Returns:
+        The report: per stage its own report plus ``seconds``.
+
+    Raises:
+        ValueError: an unknown stage name. A failing stage's error propagates after the run is
+            recorded with status ``failed``.
+    """
+    unknown = [s for s in stages if s not in STAGE_FUNCTIONS]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    tables.ensure_tables(spark, cfg.data.database)
+    started = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    report: dict[str, Any] = {}
+    status = "failed"
+    try:
+        for stage in stages:
+            t0 = time.perf_counter()
+            logger.info("stage %s: start (run %s)", stage, run_id)
+            result = STAGE_FUNCTIONS[stage](spark, cfg, run_id)
+            result["seconds"] = round(time.perf_counter() - t0, 2)
+            report[stage] = result
+            logger.info("stage %s: done in %.1f s", stage, result["seconds"])
+        status = "succeeded"
+    finally:
+        record_run(spark, cfg, run_id, stages, started, status, report)
+    return report

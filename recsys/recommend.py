@@ -1,0 +1,171 @@
+"""Neighbours and recommend stages: top-K per modality into ``item_neighbours``, the fused lists
+into ``item_recommendations``, with quality figures for the run's metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from recsys import tables
+from recsys.config import Config
+from recsys.embed import current_vectors
+from recsys.encoders.text import model_id as text_model_id
+from recsys.encoders.text import resolve_model_path
+from recsys.knn import LSHParams, recall_at_k, top_k
+
+logger = logging.getLogger(__name__)
+
+
+def current_model_ids(spark: SparkSession, cfg: Config) -> dict[str, str]:
+    """The model per modality this configuration serves.
+
+    Text: derived from ``cfg.text`` (so a changed model is noticed). Metadata and fused: the one
+    model id the table holds (those vectors are replaced whole each run).
+    """
+    ids: dict[str, str] = {}
+    rows = (
+        tables.read(spark, cfg.data.database, tables.ITEM_EMBEDDINGS)
+        .where(F.col("modality").isin("metadata", "fused", "image", "behaviour"))
+        .select("modality", "model_id")
+        .distinct()
+        .collect()
+    )
+    for row in rows:
+        ids[row["modality"]] = row["model_id"]
+    if cfg.text.enabled:
+        ids["text"] = text_model_id(resolve_model_path(cfg.text.model), cfg.text.max_length)
+    return ids
+
+
+def fused_segments(spark: SparkSession, cfg: Config, model_ids: dict[str, str]) -> tuple[tuple[str, int, int], ...]:
+    """The ``(modality, start, end)`` slices of the fused vector (same order as :func:`recsys.embed.fuse`)."""
+    weights = {m: w for m, w in cfg.fusion.weights.items() if w > 0 and m in model_ids}
+    dims = dict(
+        tables.read(spark, cfg.data.database, tables.ITEM_EMBEDDINGS)
+        .where(F.col("modality").isin(*weights))
+        .where(F.col("model_id").isin(*[model_ids[m] for m in weights]))
+        .groupBy("modality").agg(F.min("dim")).collect()
+    )
+    segments, start = [], 0
+    for m in sorted(weights):
+        if m in dims:
+            segments.append((m, start, start + int(dims[m])))
+            start += int(dims[m])
+    return tuple(segments)
+
+
+def category_precision(spark: SparkSession, cfg: Config, neighbours: DataFrame, column: str = "category_l3") -> float:
+    """Share of (article, neighbour) pairs whose ``column`` (default: product type) is equal."""
+    cats = tables.read(spark, cfg.data.database, tables.ARTICLES).select("article_id", column)
+    joined = neighbours.join(cats, "article_id").join(
+        cats.select(F.col("article_id").alias("neighbour_id"), F.col(column).alias("n_cat")), "neighbour_id"
+    )
+    value = joined.agg(F.avg((F.col(column) == F.col("n_cat")).cast("double"))).first()[0]
+    return float(value) if value is not None else float("nan")
+
+
+def neighbours(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
+    """Top-K neighbours for each configured modality (``cfg.knn.modalities``).
+
+    Writes ``item_neighbours`` (the modality's rows replaced in one commit). For the fused
+    vectors, each pair also carries the cosine in every modality (``modality_scores``).
+
+    Returns:
+        Per modality: ``articles``, ``rows``, ``seconds``, ``recall_at_k`` (LSH against exact on
+        ``cfg.knn.recall_sample`` queries), ``category_precision_at_k``.
+    """
+    db = cfg.data.database
+    model_ids = current_model_ids(spark, cfg)
+    params = LSHParams(**cfg.knn.lsh.model_dump())
+    report: dict[str, Any] = {"k": cfg.knn.k, "backend": cfg.knn.backend}
+    for modality in cfg.knn.modalities:
+        if modality not in model_ids:
+            logger.info("neighbours %s: no vectors (modality off or not embedded), skipped", modality)
+            continue
+        started = time.perf_counter()
+        vectors = current_vectors(spark, cfg, {modality: model_ids[modality]}).select("article_id", "vector")
+        vectors = vectors.persist()
+        segments = fused_segments(spark, cfg, model_ids) if modality == "fused" else ()
+        result = top_k(vectors, cfg.knn.k, cfg.knn.backend, params, segments, cfg.knn.block_size)
+        names = F.array(*[F.lit(s[0]) for s in segments]) if segments else None
+        scores = (
+            F.map_filter(F.map_from_arrays(names, F.col("segment_scores")), lambda _k, v: ~F.isnan(v))
+            if segments
+            else F.lit(None).cast("map<string,float>")
+        )
+        rows = result.select(
+            "article_id",
+            F.lit(modality).alias("modality"),
+            "rank",
+            "neighbour_id",
+            "score",
+            scores.alias("modality_scores"),
+            F.lit(run_id).alias("run_id"),
+        )
+        tables.replace(spark, db, tables.ITEM_NEIGHBOURS, rows, f"modality = '{modality}'")
+        seconds = time.perf_counter() - started
+        written = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
+        counts = written.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles")).first()
+        n_vectors = vectors.count()
+        entry: dict[str, Any] = {
+            "vectors": n_vectors,
+            "articles": int(counts["articles"]),
+            "rows": int(counts["rows"]),
+            "seconds": round(seconds, 2),
+            "category_precision_at_k": round(category_precision(spark, cfg, written), 4),
+        }
+        if cfg.knn.recall_sample and cfg.knn.backend != "exact":
+            t0 = time.perf_counter()
+            r = recall_at_k(vectors, written, cfg.knn.k, cfg.knn.recall_sample)
+            entry["recall_at_k"] = round(r["recall"], 4)
+            entry["recall_queries"] = int(r["queries"])
+            entry["recall_seconds"] = round(time.perf_counter() - t0, 2)
+        vectors.unpersist()
+        report[modality] = entry
+        logger.info(
+            "neighbours %s: %d articles, %d rows, %.1f s, recall@%d %s, category precision@%d %.3f",
+            modality, entry["articles"], entry["rows"], seconds, cfg.knn.k, entry.get("recall_at_k", "n/a"),
+            cfg.knn.k, entry["category_precision_at_k"],
+        )
+    return report
+
+
+def recommend(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
+    """``item_recommendations``: the fused neighbours (or, when fusion is off, the first
+    configured modality's) with each modality's score, replacing the previous lists.
+
+    Returns:
+        ``{source_modality, articles, rows}``.
+
+    Raises:
+        RuntimeError: no neighbours have been computed yet.
+    """
+    db = cfg.data.database
+    available = {
+        r["modality"] for r in tables.read(spark, db, tables.ITEM_NEIGHBOURS).select("modality").distinct().collect()
+    }
+    preferred = [m for m in ("fused", *cfg.knn.modalities) if m in available]
+    if not preferred:
+        raise RuntimeError("recommend: item_neighbours is empty; run the neighbours stage first")
+    modality = preferred[0]
+    chosen = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
+    rows = chosen.select(
+        "article_id",
+        "rank",
+        F.col("neighbour_id").alias("recommended_id"),
+        "score",
+        F.coalesce("modality_scores", F.create_map(F.lit(modality), F.col("score"))).alias("modality_scores"),
+        F.lit(run_id).alias("run_id"),
+    )
+    tables.replace(spark, db, tables.ITEM_RECOMMENDATIONS, rows, "true")
+    counts = (
+        tables.read(spark, db, tables.ITEM_RECOMMENDATIONS)
+        .agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles"))
+        .first()
+    )
+    logger.info("recommend: %d articles, %d rows (from %s neighbours)", counts["articles"], counts["rows"], modality)
+    return {"source_modality": modality, "articles": int(counts["articles"]), "rows": int(counts["rows"])}
