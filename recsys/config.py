@@ -108,7 +108,7 @@ class LSHConfig(_Section):
 class KNNConfig(_Section):
     k: int = Field(12, ge=1, le=1000)
     backend: Literal["lsh", "exact"] = "lsh"
-    lsh: LSHConfig = Field(default_factory=LSHConfig)
+    lsh: LSHConfig = LSHConfig()
     modalities: tuple[str, ...] = ("fused", "text", "metadata")
     recall_sample: int = Field(500, ge=0, le=100_000)
     block_size: int = Field(2048, ge=16, le=65_536)
@@ -125,12 +125,12 @@ class KNNConfig(_Section):
 class Config(_Section):
     """The whole run configuration. Sections mirror ``conf/base.yaml``."""
 
-    spark: SparkConfig = Field(default_factory=SparkConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    text: TextConfig = Field(default_factory=TextConfig)
-    metadata: MetadataConfig = Field(default_factory=MetadataConfig)
-    fusion: FusionConfig = Field(default_factory=FusionConfig)
-    knn: KNNConfig = Field(default_factory=KNNConfig)
+    spark: SparkConfig = SparkConfig()
+    data: DataConfig = DataConfig()
+    text: TextConfig = TextConfig()
+    metadata: MetadataConfig = MetadataConfig()
+    fusion: FusionConfig = FusionConfig()
+    knn: KNNConfig = KNNConfig()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -92,7 +92,10 @@ def embed_text(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     started = time.perf_counter()
     if n_todo:
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.text.arrow_batch_size))
-        partitions = max(spark.sparkContext.defaultParallelism, -(-n_todo // 20_000))
+        # a multiple of the task slots, so no round of tasks leaves cores idle; about 5,000
+        # texts per task keeps the tail short
+        slots = spark.sparkContext.defaultParallelism
+        partitions = slots * max(1, -(-n_todo // (5_000 * slots)))
         embedder = make_text_embedder(spec)
         vectors = (
             todo.repartition(partitions, "article_id")
@@ -181,7 +184,7 @@ def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, A
         "article_id",
         F.lit("metadata").alias("modality"),
         F.lit(mid).alias("model_id"),
-        normalise(vector_to_array("onehot", "float32")).alias("vector"),
+        normalise(vector_to_array(F.col("onehot"), "float32")).alias("vector"),
         F.lit(dim).alias("dim"),
         F.lit(mid).alias("content_hash"),
         F.lit(run_id).alias("run_id"),
@@ -243,7 +246,7 @@ def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str
     total = start
     recipe = json.dumps({m: [model_ids[m], weights[m]] for m in order}, sort_keys=True)
     mid = "fused@" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    pivot = vectors.groupBy("article_id").pivot("modality", order).agg(F.first("vector"))
+    pivot = vectors.groupBy("article_id").pivot("modality", list[object](order)).agg(F.first("vector"))  # type: ignore[arg-type]
     schema = StructType(
         [StructField("article_id", StringType()), StructField("vector", ArrayType(FloatType(), False)),
          StructField("dim", IntegerType())]
@@ -263,7 +266,7 @@ def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str
             out /= np.sqrt(np.maximum(mass, 1e-12))[:, None]
             yield pd.DataFrame({"article_id": batch["article_id"], "vector": list(out), "dim": total})
 
-    fused = pivot.mapInPandas(combine, schema).select(
+    fused = pivot.mapInPandas(combine, schema).select(  # type: ignore[arg-type]
         "article_id",
         F.lit("fused").alias("modality"),
         F.lit(mid).alias("model_id"),

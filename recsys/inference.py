@@ -16,7 +16,14 @@ import pandas as pd
 from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import ArrayType, FloatType
 
+from recsys.encoders.text import TextModel
+
 logger = logging.getLogger(__name__)
+
+
+# Models loaded by this Python worker, by (path, device); workers are reused across tasks
+# (spark.python.worker.reuse, on by default), so each loads a model once.
+_MODELS: dict[tuple[str, str], TextModel] = {}
 
 
 @dataclass(frozen=True)
@@ -57,10 +64,14 @@ def make_text_embedder(spec: TextEmbedderSpec):  # type: ignore[no-untyped-def]
     def embed(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
         import torch
 
-        from recsys.encoders.text import embed_texts, load_text_model
+        from recsys.encoders.text import embed_texts, load_text_model  # noqa: F811
 
         torch.set_num_threads(spec.torch_threads)
-        model = load_text_model(spec.model_path, task_device())
+        device = task_device()
+        key = (spec.model_path, device)
+        model = _MODELS.get(key)
+        if model is None:  # once per Python worker: Spark reuses workers across tasks
+            model = _MODELS[key] = load_text_model(spec.model_path, device)
         for texts in batches:
             vectors = embed_texts(
                 model, texts.fillna("").tolist(), spec.batch_size, spec.max_length

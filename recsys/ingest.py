@@ -40,7 +40,7 @@ def _quarantine(spark: SparkSession, cfg: Config, run_id: str, rejected: DataFra
         F.lit(stage).alias("stage"),
         F.current_timestamp().alias("quarantined_at"),
     )
-    tables.merge(spark, cfg.data.database, tables.QUARANTINE, rows)
+    tables.merge(spark, cfg.data.database, tables.QUARANTINE, rows, insert_only=True)
 
 
 def _write_articles(spark: SparkSession, cfg: Config, run_id: str, articles: DataFrame, source: str) -> None:
@@ -124,7 +124,7 @@ def ingest(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         report = FileReport(report.source, report.input, report.accepted - n_unknown, report.quarantined + n_unknown)
         reports.append(report)
         _quarantine(spark, cfg, run_id, rejected.unionByName(unknown), "ingest")
-        bounds = typed.agg(F.min("t_dat").alias("lo"), F.max("t_dat").alias("hi")).first()
+        bounds = tables.first_row(typed.agg(F.min("t_dat").alias("lo"), F.max("t_dat").alias("hi")))
         if bounds["lo"] is not None:
             tables.replace(
                 spark, db, tables.TRANSACTIONS,

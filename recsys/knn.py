@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
@@ -48,6 +48,8 @@ from pyspark.sql.types import (
     StructField,
     StructType,
 )
+
+from recsys.tables import first_row
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +185,7 @@ def band_codes(vectors: np.ndarray, planes: np.ndarray, params: LSHParams) -> tu
 
 
 def _emit(
-    out: list[tuple[np.ndarray, ...]],
+    out: list[tuple[np.ndarray | None, ...]],
     vectors: np.ndarray,
     ids: np.ndarray,
     query_rows: np.ndarray,
@@ -200,10 +202,10 @@ def _emit(
 
 def score_bucket(
     vectors: np.ndarray, ids: np.ndarray, proj: np.ndarray, k: int, max_bucket: int, segments: Segments
-) -> list[tuple[np.ndarray, ...]]:
+) -> list[tuple[np.ndarray | None, ...]]:
     """Exact top-``k`` within one bucket (windowed when larger than ``max_bucket``)."""
     n = len(ids)
-    out: list[tuple[np.ndarray, ...]] = []
+    out: list[tuple[np.ndarray | None, ...]] = []
     if n < 2:
         return out
     if n <= max_bucket:
@@ -225,9 +227,9 @@ def score_bucket(
 
 def score_pack(
     vectors: np.ndarray, ids: np.ndarray, group: np.ndarray, k: int, segments: Segments
-) -> list[tuple[np.ndarray, ...]]:
+) -> list[tuple[np.ndarray | None, ...]]:
     """Exact top-``k`` within each of several small buckets at once (``group`` labels rows)."""
-    out: list[tuple[np.ndarray, ...]] = []
+    out: list[tuple[np.ndarray | None, ...]] = []
     if len(ids) < 2:
         return out
     s = vectors @ vectors.T
@@ -238,7 +240,7 @@ def score_pack(
     return out
 
 
-def _concat(parts: list[tuple[np.ndarray, ...]], n_segments: int) -> pd.DataFrame:
+def _concat(parts: list[tuple[np.ndarray | None, ...]], n_segments: int) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame(
             {"idx": np.zeros(0, np.int64), "nidx": np.zeros(0, np.int64), "score": np.zeros(0, np.float32),
@@ -298,7 +300,7 @@ def check_vectors(vectors: DataFrame) -> int:
     """
     bad_value = F.exists("vector", lambda x: F.isnan(x) | (F.abs(x) == float("inf")))
     norm2 = F.aggregate("vector", F.lit(0.0).cast("double"), lambda acc, x: acc + x * x)
-    stats = vectors.agg(
+    stats = first_row(vectors.agg(
         F.count(F.lit(1)).alias("n"),
         F.min(F.size("vector")).alias("lo"),
         F.max(F.size("vector")).alias("hi"),
@@ -306,7 +308,7 @@ def check_vectors(vectors: DataFrame) -> int:
         F.min(F.when(bad_value, F.col("article_id"))).alias("nonfinite_id"),
         F.count(F.when(~bad_value & (norm2 == 0), 1)).alias("zero"),
         F.min(F.when(~bad_value & (norm2 == 0), F.col("article_id"))).alias("zero_id"),
-    ).first()
+    ))
     if stats["n"] == 0:
         return 0
     if stats["lo"] != stats["hi"]:
@@ -343,7 +345,8 @@ def lsh_pairs(
     planes = hyperplanes(dim, params)
     spark = indexed.sparkSession
     packed = indexed.select("idx", "vector").mapInPandas(
-        _to_bytes, StructType([StructField("idx", LongType()), StructField("vec", BinaryType())])
+        _to_bytes,  # type: ignore[arg-type]
+        StructType([StructField("idx", LongType()), StructField("vec", BinaryType())]),
     )
     bucket_schema = StructType(
         [StructField("band", IntegerType()), StructField("code", LongType()), StructField("proj", FloatType()),
@@ -369,7 +372,7 @@ def lsh_pairs(
 
     n_parts = int(spark.conf.get("spark.sql.shuffle.partitions", "8") or 8)
     buckets = (
-        packed.mapInPandas(sign, bucket_schema)
+        packed.mapInPandas(sign, bucket_schema)  # type: ignore[arg-type]
         .repartition(n_parts, "band", "code")
         .sortWithinPartitions("band", "code", "idx")
     )
@@ -420,7 +423,7 @@ def lsh_pairs(
         if pack:
             yield flush_pack()
 
-    return buckets.mapInPandas(score, PAIR_SCHEMA)
+    return buckets.mapInPandas(score, PAIR_SCHEMA)  # type: ignore[arg-type]
 
 
 def exact_pairs_for_queries(
@@ -446,7 +449,7 @@ def exact_pairs_for_queries(
             seg = segment_cosines(q_vec[rows], v[cols], segments) if segments else None
             yield _concat([(q_ids[rows], ids[cols], values, seg)], len(segments))
 
-    return indexed.select("idx", "vector").mapInPandas(scan, PAIR_SCHEMA)
+    return indexed.select("idx", "vector").mapInPandas(scan, PAIR_SCHEMA)  # type: ignore[arg-type]
 
 
 def merge_pairs(pairs: DataFrame, k: int) -> DataFrame:
@@ -458,7 +461,7 @@ def merge_pairs(pairs: DataFrame, k: int) -> DataFrame:
             yield merge_top_k(pd.concat(frames, ignore_index=True), k)
 
     n_parts = int(pairs.sparkSession.conf.get("spark.sql.shuffle.partitions", "8") or 8)
-    return pairs.repartition(n_parts, "idx").mapInPandas(merge, RANKED_SCHEMA)
+    return pairs.repartition(n_parts, "idx").mapInPandas(merge, RANKED_SCHEMA)  # type: ignore[arg-type]
 
 
 def sample_queries(indexed: DataFrame, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -535,12 +538,51 @@ def top_k(
             pairs = part if pairs is None else pairs.unionByName(part)
     assert pairs is not None
     ranked = merge_pairs(pairs, k)
+    if backend == "lsh" and dim:
+        ranked = _top_up(indexed, ranked, k, segments, block_size)
     names = indexed.select("idx", "article_id")
     return (
         ranked.join(names, "idx")
         .join(names.select(F.col("idx").alias("nidx"), F.col("article_id").alias("neighbour_id")), "nidx")
         .select("article_id", "rank", "neighbour_id", "score", "segment_scores")
     )
+
+
+def _top_up(indexed: DataFrame, ranked: DataFrame, k: int, segments: Segments, block_size: int) -> DataFrame:
+    """Exact search for the articles LSH left with fewer than ``min(k, n - 1)`` neighbours.
+
+    Such articles sit alone (or nearly) in every bucket; scanning them against all vectors
+    gives each its full list. The short articles are processed in chunks of ``block_size``
+    query vectors; a large share of them means the LSH parameters are too strict.
+    """
+    ranked = ranked.persist()
+    n = indexed.count()
+    want = min(k, n - 1)
+    counts = ranked.groupBy("idx").agg(F.count(F.lit(1)).alias("found"))
+    short = (
+        indexed.select("idx", "vector")
+        .join(counts, "idx", "left")
+        .where(F.coalesce("found", F.lit(0)) < want)
+        .select("idx", "vector")
+        .persist()
+    )
+    n_short = short.count()
+    if n_short == 0:
+        short.unpersist()
+        return ranked
+    logger.info("lsh: %d of %d articles had fewer than %d candidates; exact search for them", n_short, n, want)
+    extra = None
+    ids_all = [r["idx"] for r in short.select("idx").orderBy("idx").collect()]
+    for start in range(0, len(ids_all), block_size):
+        chunk = ids_all[start : start + block_size]
+        rows = short.where(F.col("idx").isin(chunk)).collect()
+        q = np.asarray([r["vector"] for r in rows], dtype=np.float32)
+        q_ids = np.asarray([r["idx"] for r in rows], dtype=np.int64)
+        part = merge_pairs(exact_pairs_for_queries(indexed, q, q_ids, k, segments), k)
+        extra = part if extra is None else extra.unionByName(part)
+    assert extra is not None
+    kept = ranked.join(short.select("idx"), "idx", "left_anti")
+    return kept.unionByName(extra)
 
 
 def recall_at_k(
@@ -568,7 +610,7 @@ def recall_at_k(
     per_query = query_names.join(hits, "article_id", "left").select(
         (F.coalesce("hits", F.lit(0)) / F.col("possible")).alias("recall")
     )
-    value = per_query.agg(F.avg("recall")).first()[0]
+    value = first_row(per_query.agg(F.avg("recall")))[0]
     indexed.unpersist()
     return {"recall": float(value), "queries": float(len(q_ids))}
 

@@ -44,7 +44,7 @@ def current_model_ids(spark: SparkSession, cfg: Config) -> dict[str, str]:
 def fused_segments(spark: SparkSession, cfg: Config, model_ids: dict[str, str]) -> tuple[tuple[str, int, int], ...]:
     """The ``(modality, start, end)`` slices of the fused vector (same order as :func:`recsys.embed.fuse`)."""
     weights = {m: w for m, w in cfg.fusion.weights.items() if w > 0 and m in model_ids}
-    dims = dict(
+    dims: dict[str, int] = dict(
         tables.read(spark, cfg.data.database, tables.ITEM_EMBEDDINGS)
         .where(F.col("modality").isin(*weights))
         .where(F.col("model_id").isin(*[model_ids[m] for m in weights]))
@@ -64,7 +64,7 @@ def category_precision(spark: SparkSession, cfg: Config, neighbours: DataFrame, 
     joined = neighbours.join(cats, "article_id").join(
         cats.select(F.col("article_id").alias("neighbour_id"), F.col(column).alias("n_cat")), "neighbour_id"
     )
-    value = joined.agg(F.avg((F.col(column) == F.col("n_cat")).cast("double"))).first()[0]
+    value = tables.first_row(joined.agg(F.avg((F.col(column) == F.col("n_cat")).cast("double"))))[0]
     return float(value) if value is not None else float("nan")
 
 
@@ -93,7 +93,7 @@ def neighbours(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         result = top_k(vectors, cfg.knn.k, cfg.knn.backend, params, segments, cfg.knn.block_size)
         names = F.array(*[F.lit(s[0]) for s in segments]) if segments else None
         scores = (
-            F.map_filter(F.map_from_arrays(names, F.col("segment_scores")), lambda _k, v: ~F.isnan(v))
+            F.map_filter(F.map_from_arrays(names, F.col("segment_scores")), lambda _k, v: ~F.isnan(v))  # type: ignore[arg-type]
             if segments
             else F.lit(None).cast("map<string,float>")
         )
@@ -109,7 +109,7 @@ def neighbours(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         tables.replace(spark, db, tables.ITEM_NEIGHBOURS, rows, f"modality = '{modality}'")
         seconds = time.perf_counter() - started
         written = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
-        counts = written.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles")).first()
+        counts = tables.first_row(written.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles")))
         n_vectors = vectors.count()
         entry: dict[str, Any] = {
             "vectors": n_vectors,
@@ -162,10 +162,9 @@ def recommend(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         F.lit(run_id).alias("run_id"),
     )
     tables.replace(spark, db, tables.ITEM_RECOMMENDATIONS, rows, "true")
-    counts = (
+    counts = tables.first_row(
         tables.read(spark, db, tables.ITEM_RECOMMENDATIONS)
         .agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles"))
-        .first()
     )
     logger.info("recommend: %d articles, %d rows (from %s neighbours)", counts["articles"], counts["rows"], modality)
     return {"source_modality": modality, "articles": int(counts["articles"]), "rows": int(counts["rows"])}

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
@@ -275,21 +275,19 @@ def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
     return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in spec.schema.fields])
 
 
-def merge(spark: SparkSession, database: str, spec: TableSpec, df: DataFrame) -> None:
+def merge(spark: SparkSession, database: str, spec: TableSpec, df: DataFrame, insert_only: bool = False) -> None:
     """Upsert ``df`` into the table on its key, in one Delta commit.
 
-    Rows whose key exists are updated in full; new keys are inserted; nothing is deleted.
-    ``df`` must hold each key at most once (Delta raises otherwise).
+    Rows whose key exists are updated in full (left as they are with ``insert_only``); new
+    keys are inserted; nothing is deleted. ``df`` must hold each key at most once (Delta
+    raises otherwise).
     """
     target = DeltaTable.forName(spark, qualified(database, spec))
     condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.key)
-    (
-        target.alias("t")
-        .merge(conform(df, spec).alias("s"), condition)
-        .whenMatchedUpdateAll()
-        .whenNotMatchedInsertAll()
-        .execute()
-    )
+    builder = target.alias("t").merge(conform(df, spec).alias("s"), condition)
+    if not insert_only:
+        builder = builder.whenMatchedUpdateAll()
+    builder.whenNotMatchedInsertAll().execute()
 
 
 def replace(spark: SparkSession, database: str, spec: TableSpec, df: DataFrame, where: str) -> None:
@@ -309,7 +307,19 @@ def replace(spark: SparkSession, database: str, spec: TableSpec, df: DataFrame, 
 
 def location(spark: SparkSession, database: str, spec: TableSpec) -> str:
     """The storage location of a table (its Delta log lives under it)."""
-    return str(DeltaTable.forName(spark, qualified(database, spec)).detail().first()["location"])
+    return str(first_row(DeltaTable.forName(spark, qualified(database, spec)).detail())["location"])
+
+
+def first_row(df: DataFrame) -> Row:
+    """The first row of ``df`` (an aggregate's single row).
+
+    Raises:
+        ValueError: if ``df`` is empty.
+    """
+    row = df.first()
+    if row is None:
+        raise ValueError("expected a row, got an empty result")
+    return row
 
 
 def read(spark: SparkSession, database: str, spec: TableSpec) -> DataFrame:

@@ -22,6 +22,8 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
+from recsys.tables import first_row
+
 logger = logging.getLogger(__name__)
 
 REASON = "_reason"
@@ -170,7 +172,7 @@ def read_csv_checked(
         [StructField(c, StringType()) for c in spec.output]
         + [StructField(REASON, StringType()), StructField(ROW, LongType()), StructField(RECORD, StringType())]
     )
-    parsed = numbered.mapInPandas(_parse_lines(header, spec), schema)
+    parsed = numbered.mapInPandas(_parse_lines(header, spec), schema)  # type: ignore[arg-type]
     if spec.key:
         first_seen = F.min(ROW).over(Window.partitionBy(*spec.key))
         parsed = parsed.withColumn(
@@ -193,10 +195,10 @@ def read_csv_checked(
         F.col(REASON).alias("reason"),
     )
     total = numbered.count()
-    counts = parsed.agg(
+    counts = first_row(parsed.agg(
         F.count(F.when(F.col(REASON).isNull(), 1)).alias("accepted"),
         F.count(REASON).alias("quarantined"),
-    ).first()
+    ))
     report = FileReport(
         source=path, input=total, accepted=int(counts["accepted"]), quarantined=int(counts["quarantined"])
     )

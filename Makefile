@@ -1,0 +1,49 @@
+# recsys: `make run` (set up and run the main job) and `make test` (set up and pass the tests).
+#   make run                                   the bundled Fashion Product sample
+#   make run SOURCE=hm DATA=/path/to/hm        the H&M competition files (conf/hm.yaml)
+#   make run ARGS="--set knn.k=20"             any other overrides
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pip must take torch/torchvision from PyPI as a matched pair: ignore any machine-wide
+# find-links folder that could offer a local `+cpu` build.
+PIP := env -u PIP_FIND_LINKS $(PY) -m pip
+SOURCE ?=
+CONF ?= $(if $(SOURCE),$(SOURCE),local)
+DATA ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv run test test-unit lint bench wheel clean
+
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(VENV)/bin/recsys run --conf $(CONF) $(if $(DATA),--set data.path=$(DATA)) $(ARGS)
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
+lint: venv
+	$(VENV)/bin/ruff check recsys jobs tests benchmarks
+	$(VENV)/bin/mypy recsys
+
+bench: venv
+	$(PY) benchmarks/text_embedding.py
+
+wheel: venv
+	$(PY) -m build --wheel --no-isolation
+
+clean:
+	rm -rf spark-warehouse spark-warehouse-hm build dist *.egg-info

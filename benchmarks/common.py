@@ -1,0 +1,56 @@
+"""Helpers shared by the benchmarks: data location and peak memory of this process tree."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("RECSYS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def hm_path() -> Path:
+    """``../shared/data/hm``, or exit with the reason."""
+    path = SHARED_DATA / "hm"
+    if not (path / "articles.csv").is_file():
+        raise SystemExit(f"skipped: H&M data not found at {path} (set RECSYS_SHARED_DATA)")
+    return path
+
+
+class PeakMemory:
+    """Samples the resident memory of this process and all its children (the Spark JVM and
+    Python workers) every ``interval`` seconds; ``peak_gib`` is the largest sum seen."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak / 2**30

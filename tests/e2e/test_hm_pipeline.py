@@ -1,0 +1,120 @@
+"""The whole pipeline, through the spark-submit job entry point, on a slice of the real H&M data.
+
+The slice (the first 2,500 articles of ../shared/data/hm, their transactions and customers)
+is written to a temporary folder at test time; nothing of the H&M data is in the repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pyspark.sql import functions as F
+
+from jobs import refresh
+from tests.conftest import hm_data
+
+pytestmark = pytest.mark.e2e
+
+N_ARTICLES = 2500
+K = 12
+DB = "e2e_hm"
+
+
+def write_slice(source: Path, target: Path, n: int) -> set[str]:
+    target.mkdir(parents=True)
+    with open(source / "articles.csv", encoding="utf-8") as handle:
+        lines = [next(handle) for _ in range(n + 1)]
+    (target / "articles.csv").write_text("".join(lines), encoding="utf-8")
+    ids = {line.split(",", 1)[0] for line in lines[1:]}
+    customers: set[str] = set()
+    with open(source / "transactions_train.csv", encoding="utf-8") as handle, open(
+        target / "transactions_train.csv", "w", encoding="utf-8"
+    ) as out:
+        out.write(next(handle))
+        for line in handle:
+            fields = line.split(",")
+            if fields[2] in ids:
+                out.write(line)
+                customers.add(fields[1])
+    with open(source / "customers.csv", encoding="utf-8") as handle, open(
+        target / "customers.csv", "w", encoding="utf-8"
+    ) as out:
+        out.write(next(handle))
+        out.writelines(line for line in handle if line.split(",", 1)[0] in customers)
+    (target / "images").symlink_to(source / "images")
+    return ids
+
+
+@pytest.fixture(scope="module")
+def hm_run(spark, warehouse: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    source = hm_data()
+    root = tmp_path_factory.mktemp("hm-slice") / "hm"
+    ids = write_slice(source, root, N_ARTICLES)
+    code = refresh.main(
+        [
+            "--conf", "hm",
+            "--set", f"data.path={root}",
+            "--set", f"data.database={DB}",
+            "--set", f"spark.warehouse_dir={warehouse}",
+            "--set", f"knn.k={K}",
+            "--set", "knn.recall_sample=200",
+            "--run-id", "e2e",
+        ]
+    )
+    assert code == 0
+    return ids
+
+
+def test_every_article_gets_k_recommendations_in_order(spark, hm_run: set[str]) -> None:  # type: ignore[no-untyped-def]
+    recs = spark.table(f"{DB}.item_recommendations")
+    articles = spark.table(f"{DB}.articles")
+    assert articles.count() == len(hm_run)
+    per_article = dict(recs.groupBy("article_id").count().collect())
+    assert set(per_article) == hm_run  # every accepted article has a list
+    assert set(per_article.values()) == {K}
+    assert recs.where(F.col("article_id") == F.col("recommended_id")).count() == 0
+    rows = recs.select("article_id", "rank", "score", "recommended_id").collect()
+    by_article: dict[str, list[tuple[int, float, str]]] = {}
+    for r in rows:
+        by_article.setdefault(r["article_id"], []).append((r["rank"], r["score"], r["recommended_id"]))
+    for lst in by_article.values():
+        lst.sort()
+        assert [r for r, _, _ in lst] == list(range(1, K + 1))
+        for (_, s1, id1), (_, s2, id2) in zip(lst, lst[1:]):
+            assert s1 > s2 or (s1 == s2 and id1 < id2)
+    sample = recs.where(F.col("rank") == 1).select("modality_scores").first()["modality_scores"]
+    assert set(sample) == {"text", "metadata"}
+
+
+def test_recall_and_category_agreement_are_recorded(spark, hm_run: set[str]) -> None:  # type: ignore[no-untyped-def]
+    metrics = dict(
+        spark.table(f"{DB}.metrics").where("run_id = 'e2e'").select("name", "value").collect()
+    )
+    for modality in ("fused", "text", "metadata"):
+        assert f"neighbours.{modality}.recall_at_k" in metrics
+    assert metrics["neighbours.fused.recall_at_k"] >= 0.9
+    assert metrics["ingest.articles.csv.input"] == N_ARTICLES
+    assert metrics["ingest.articles.csv.accepted"] + metrics["ingest.articles.csv.quarantined"] == N_ARTICLES
+    # neighbours mostly share the article's product type (computed here, independently)
+    recs = spark.table(f"{DB}.item_recommendations")
+    types = spark.table(f"{DB}.articles").select("article_id", F.col("attributes")["product_type_name"].alias("t"))
+    joined = recs.join(types, "article_id").join(
+        types.select(F.col("article_id").alias("recommended_id"), F.col("t").alias("rt")), "recommended_id"
+    )
+    share = joined.agg(F.avg((F.col("t") == F.col("rt")).cast("double"))).first()[0]
+    assert share > 0.6, share
+    assert abs(metrics["neighbours.fused.category_precision_at_k"] - share) < 1e-3
+
+
+def test_sql_and_similar_answer_from_the_catalog(spark, hm_run: set[str], capsys) -> None:  # type: ignore[no-untyped-def]
+    from recsys.cli import main
+
+    article = sorted(hm_run)[0]
+    rows = spark.sql(
+        f"SELECT recommended_id, score FROM {DB}.item_recommendations WHERE article_id = '{article}' ORDER BY rank"
+    ).collect()
+    assert len(rows) == K
+    assert main(["similar", article, "--conf", "hm", "--set", f"data.database={DB}"]) == 0
+    out = capsys.readouterr().out
+    assert rows[0]["recommended_id"] in out and article in out
