@@ -215,11 +215,17 @@ def load_config(
             message names the file (or ``--set``), the key and the allowed range.
     """
     base_path = Path(base) if base else CONF_DIR / "base.yaml"
-    layers: list[tuple[str, dict[str, Any]]] = [(str(base_path), _read_yaml(base_path))]
+    if base is None and not base_path.is_file():
+        # installed from a wheel (spark-submit --py-files): conf/ is not beside the package;
+        # the models' defaults are base.yaml's (a unit test keeps the two equal)
+        layers: list[tuple[str, dict[str, Any]]] = [("defaults", {})]
+    else:
+        layers = [(str(base_path), _read_yaml(base_path))]
     if env is not None:
         env_path = Path(env)
         if env_path.suffix not in (".yaml", ".yml"):
-            env_path = base_path.parent / f"{env}.yaml"
+            candidates = [base_path.parent / f"{env}.yaml", Path("conf") / f"{env}.yaml"]
+            env_path = next((c for c in candidates if c.is_file()), candidates[0])
         layers.append((str(env_path), _read_yaml(env_path)))
     set_layer: dict[str, Any] = {}
     for item in overrides:

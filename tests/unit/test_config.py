@@ -75,3 +75,10 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_shipped_configs_are_valid() -> None:
     for env in ("local", "cluster", "hm"):
         load_config(env)
+
+
+def test_base_yaml_states_exactly_the_model_defaults() -> None:
+    """A wheel without conf/ falls back to the models' defaults: they must be base.yaml's."""
+    from recsys.config import Config
+
+    assert load_config() == Config()
