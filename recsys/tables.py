@@ -247,11 +247,23 @@ def qualified(database: str, spec: TableSpec) -> str:
 def ensure_tables(spark: SparkSession, database: str) -> None:
     """Create the database and every table in :data:`ALL_TABLES` if missing.
 
-    Existing tables are left as they are; their schema must match (Delta raises on a MERGE that
-    does not fit).
+    An existing table that lacks a column the current schema declares (a table written by an
+    older recsys) gets it added, nullable, with ``ALTER TABLE ... ADD COLUMNS``; other
+    differences are left for Delta to reject on write.
     """
     spark.sql(f"CREATE DATABASE IF NOT EXISTS {database}")
     for spec in ALL_TABLES:
+        name = qualified(database, spec)
+        if spark.catalog.tableExists(name):
+            present = {f.name for f in spark.table(name).schema.fields}
+            missing = [f for f in spec.schema.fields if f.name not in present]
+            if missing:
+                columns = ", ".join(
+                    f"`{f.name}` {f.dataType.simpleString()} COMMENT '{f.metadata.get('comment', '')}'" for f in missing
+                )
+                spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({columns})")
+                logger.info("table %s: added column(s) %s", name, [f.name for f in missing])
+            continue
         builder = (
             DeltaTable.createIfNotExists(spark)
             .tableName(qualified(database, spec))
