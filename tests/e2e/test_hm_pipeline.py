@@ -94,8 +94,8 @@ def test_recall_and_category_agreement_are_recorded(spark, hm_run: set[str]) -> 
     for modality in ("fused", "text", "metadata"):
         assert f"neighbours.{modality}.recall_at_k" in metrics
     assert metrics["neighbours.fused.recall_at_k"] >= 0.9
-    assert metrics["ingest.articles.csv.input"] == N_ARTICLES
-    assert metrics["ingest.articles.csv.accepted"] + metrics["ingest.articles.csv.quarantined"] == N_ARTICLES
+    assert metrics["ingest.files.articles.csv.input"] == N_ARTICLES
+    assert metrics["ingest.files.articles.csv.accepted"] + metrics["ingest.files.articles.csv.quarantined"] == N_ARTICLES
     # neighbours mostly share the article's product type (computed here, independently)
     recs = spark.table(f"{DB}.item_recommendations")
     types = spark.table(f"{DB}.articles").select("article_id", F.col("attributes")["product_type_name"].alias("t"))
