@@ -282,12 +282,10 @@ def with_index(vectors: DataFrame) -> DataFrame:
     Only ids are ordered (``zipWithIndex`` over a range-partitioned sort), then joined back, so
     the vectors never pass through a single partition.
     """
-    spark = vectors.sparkSession
     ids = vectors.select("article_id").orderBy("article_id")
     indexed = ids.rdd.map(lambda row: row[0]).zipWithIndex().toDF(
         StructType([StructField("article_id", StringType(), False), StructField("idx", LongType(), False)])
     )
-    del spark
     return vectors.join(indexed, "article_id")
 
 

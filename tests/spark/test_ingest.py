@@ -56,7 +56,8 @@ def test_hm_bad_rows_go_to_quarantine_and_counts_add_up(spark, warehouse: Path, 
     assert hoodie["description"] is None and hoodie["image_path"] is None
     transactions = tables.read(spark, "ingest_hm", tables.TRANSACTIONS)
     assert transactions.count() == 3  # the repeated line is a second unit, not a duplicate
-    assert dict(transactions.groupBy("t_dat").count().collect()) is not None
+    per_day = {str(r["t_dat"]): r["count"] for r in transactions.groupBy("t_dat").count().collect()}
+    assert per_day == {"2020-09-01": 2, "2020-09-02": 1}
     customers = tables.read(spark, "ingest_hm", tables.CUSTOMERS).orderBy("customer_id").collect()
     assert [(c["age"], c["fn"]) for c in customers] == [(31, 1.0), (None, None)]
 
