@@ -110,7 +110,7 @@ def ingest(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         reports.append(report)
         _quarantine(spark, cfg, run_id, rejected, "ingest")
         tables.merge(spark, db, tables.CUSTOMERS, customers.select(
-            "*", F.current_timestamp().alias("ingested_at"), F.lit(run_id).alias("run_id")))
+            "*", F.current_timestamp().alias("ingested_at"), F.lit(run_id).alias("run_id")), only_changed=True)
 
         transactions, rejected, report = hm.read_transactions(spark, root)
         known_articles = tables.read(spark, db, tables.ARTICLES)

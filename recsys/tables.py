@@ -287,18 +287,32 @@ def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
     return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in spec.schema.fields])
 
 
-def merge(spark: SparkSession, database: str, spec: TableSpec, df: DataFrame, insert_only: bool = False) -> None:
+# Columns that record when and by which run a row was written, not what it says.
+BOOKKEEPING = frozenset({"run_id", "ingested_at", "quarantined_at", "recorded_at"})
+
+
+def merge(
+    spark: SparkSession,
+    database: str,
+    spec: TableSpec,
+    df: DataFrame,
+    insert_only: bool = False,
+    only_changed: bool = False,
+) -> None:
     """Upsert ``df`` into the table on its key, in one Delta commit.
 
-    Rows whose key exists are updated in full (left as they are with ``insert_only``); new
-    keys are inserted; nothing is deleted. ``df`` must hold each key at most once (Delta
-    raises otherwise).
+    Rows whose key exists are updated in full; with ``only_changed`` only when a data column
+    differs (so a rerun on the same input leaves the row, its ``run_id`` and timestamps as
+    they were); with ``insert_only`` never. New keys are inserted; nothing is deleted. ``df``
+    must hold each key at most once (Delta raises otherwise).
     """
     target = DeltaTable.forName(spark, qualified(database, spec))
     condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.key)
     builder = target.alias("t").merge(conform(df, spec).alias("s"), condition)
     if not insert_only:
-        builder = builder.whenMatchedUpdateAll()
+        data = [f.name for f in spec.schema.fields if f.name not in spec.key and f.name not in BOOKKEEPING]
+        changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in data) if only_changed and data else None
+        builder = builder.whenMatchedUpdateAll(condition=changed)
     builder.whenNotMatchedInsertAll().execute()
 
 

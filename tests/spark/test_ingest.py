@@ -71,10 +71,8 @@ def test_rerun_leaves_the_same_tables(spark, warehouse: Path, tmp_path: Path) ->
     ingest(spark, cfg, "r1")
     after = {s.name: tables.read(spark, "ingest_rerun", s).collect() for s in
              (tables.ARTICLES, tables.CUSTOMERS, tables.TRANSACTIONS, tables.QUARANTINE)}
-    for name in ("articles", "transactions", "quarantine"):
+    for name in ("articles", "customers", "transactions", "quarantine"):
         assert sorted(map(tuple, before[name]), key=str) == sorted(map(tuple, after[name]), key=str), name
-    strip = lambda rows: sorted((r["customer_id"], r["age"]) for r in rows)  # noqa: E731
-    assert strip(before["customers"]) == strip(after["customers"])
 
 
 def test_changed_and_removed_articles_are_updated(spark, warehouse: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
