@@ -40,7 +40,8 @@ lint: venv
 	$(VENV)/bin/mypy recsys
 
 bench: venv
-	$(PY) benchmarks/text_embedding.py
+	$(PY) -m benchmarks.text_embedding
+	$(PY) -m benchmarks.image_embedding
 
 wheel: venv
 	$(PY) -m build --wheel --no-isolation

@@ -1,7 +1,7 @@
 """The ``recsys`` command: one subcommand per stage, ``run`` for all, and lookups.
 
     recsys run [--conf local] [--set knn.k=20] [--run-date 2026-11-21]
-    recsys ingest | embed | neighbours | recommend   (one stage)
+    recsys ingest | train | embed | neighbours | recommend   (one stage)
     recsys similar 0108775015                        (an article and its top-K)
     recsys sql "SELECT * FROM recsys.item_recommendations WHERE article_id = '0108775015' ORDER BY rank"
     recsys metrics [--run-id ID]
@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description="Batch product recommender on Spark and Delta Lake.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("run", "run every stage: ingest, embed, neighbours, recommend"),
+        ("run", "run every stage: ingest, train, embed, neighbours, recommend"),
         ("ingest", "read the source files into Delta (rejects to quarantine)"),
-        ("embed", "text, metadata and fused embeddings (incremental)"),
+        ("train", "train the image encoder on the catalogue's images (petastorm → PyTorch)"),
+        ("embed", "text, image, metadata and fused embeddings (incremental)"),
         ("neighbours", "top-K neighbours per modality with LSH, recall against exact"),
         ("recommend", "write item_recommendations from the fused neighbours"),
     ):
@@ -186,7 +187,38 @@ def _metrics(spark: Any, cfg: Config, run_id: str | None) -> int:
     rows = tables.read(spark, db, tables.METRICS).where(F.col("run_id") == run_id).orderBy("name").collect()
     sys.stdout.write(f"metrics of {run_id}\n")
     _show(rows, ["name", "value"])
+    quality = quality_table({r["name"]: r["value"] for r in rows})
+    if quality:
+        sys.stdout.write("\nquality per modality\n")
+        _show(quality, list(quality[0]))
     return 0
+
+
+QUALITY_COLUMNS = (
+    ("recall_at_k", "recall@K"),
+    ("category_precision_at_k", "category_precision@K"),
+    ("category_precision_common_at_k", "same, common articles"),
+    ("probe_macro_f1", "probe_macro_f1"),
+    ("probe_accuracy", "probe_accuracy"),
+    ("articles", "articles"),
+)
+
+
+def quality_table(metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per modality from ``neighbours.<modality>.<figure>`` metrics (missing: blank)."""
+    modalities = sorted(
+        {n.split(".")[1] for n in metrics if n.startswith("neighbours.") and n.count(".") == 2
+         and n.endswith(".category_precision_at_k")},
+        key=lambda m: (m != "fused", m),
+    )
+    table = []
+    for m in modalities:
+        row: dict[str, Any] = {"modality": m}
+        for key, title in QUALITY_COLUMNS:
+            value = metrics.get(f"neighbours.{m}.{key}")
+            row[title] = int(value) if key == "articles" and value is not None else value
+        table.append(row)
+    return table
 
 
 def _where(spark: Any, cfg: Config) -> None:

@@ -81,8 +81,59 @@ class MetadataConfig(_Section):
         return value
 
 
+class ImageConfig(_Section):
+    enabled: bool = True
+    arch: str = "mobilenet_v3_small"
+    weights: str = "trained"
+    height: int = Field(128, ge=16, le=1024)
+    width: int = Field(96, ge=16, le=1024)
+    batch_size: int = Field(64, ge=1, le=4096)
+    arrow_batch_size: int = Field(256, ge=1, le=100_000)
+    torch_threads: int = Field(0, ge=0, le=256)
+    max_pixels: int = Field(50_000_000, ge=1)
+    seed: int = 42
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        from recsys.encoders.image import head_attribute
+
+        head_attribute(value)
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_form(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be 'trained', 'none', 'torchvision:<NAME>' or a checkpoint path")
+        return value
+
+
+class TrainConfig(_Section):
+    enabled: bool = True
+    label: Literal["category_l1", "category_l2", "category_l3"] = "category_l2"
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(64, ge=2, le=4096)
+    learning_rate: float = Field(0.002, gt=0, le=10)
+    weight_decay: float = Field(0.05, ge=0, le=10)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    holdout: float = Field(0.1, gt=0, lt=1)
+    min_class_count: int = Field(50, ge=1)
+    max_images: int = Field(0, ge=0)
+    workers: int = Field(2, ge=1, le=64)
+    output_dir: str | None = None
+    seed: int = 42
+
+
+class QualityConfig(_Section):
+    label: Literal["category_l1", "category_l2", "category_l3"] = "category_l2"
+    probe_max_iter: int = Field(50, ge=0, le=10_000)
+    probe_max_articles: int = Field(20_000, ge=100)
+    holdout: float = Field(0.2, gt=0, lt=1)
+
+
 class FusionConfig(_Section):
-    weights: dict[str, float] = Field(default_factory=lambda: {"text": 1.0, "metadata": 0.5})
+    weights: dict[str, float] = Field(default_factory=lambda: {"text": 1.0, "image": 0.5, "metadata": 0.5})
 
     @field_validator("weights")
     @classmethod
@@ -109,7 +160,7 @@ class KNNConfig(_Section):
     k: int = Field(12, ge=1, le=1000)
     backend: Literal["lsh", "exact"] = "lsh"
     lsh: LSHConfig = LSHConfig()
-    modalities: tuple[str, ...] = ("fused", "text", "metadata")
+    modalities: tuple[str, ...] = ("fused", "text", "image", "metadata")
     recall_sample: int = Field(500, ge=0, le=100_000)
     block_size: int = Field(2048, ge=16, le=65_536)
 
@@ -128,9 +179,12 @@ class Config(_Section):
     spark: SparkConfig = SparkConfig()
     data: DataConfig = DataConfig()
     text: TextConfig = TextConfig()
+    image: ImageConfig = ImageConfig()
+    train: TrainConfig = TrainConfig()
     metadata: MetadataConfig = MetadataConfig()
     fusion: FusionConfig = FusionConfig()
     knn: KNNConfig = KNNConfig()
+    quality: QualityConfig = QualityConfig()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

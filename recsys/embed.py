@@ -1,4 +1,4 @@
-"""Embed stage: text (pandas UDF), metadata (Spark ML one-hot) and the fused vector per article.
+"""Embed stage: text and image (pandas UDFs), metadata (Spark ML one-hot) and the fused vector.
 
 All vectors go to ``item_embeddings`` (article_id, modality, model_id), L2-normalised float32.
 
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from delta.tables import DeltaTable
 from pyspark.ml import Pipeline
 from pyspark.ml.feature import OneHotEncoder, StringIndexer, VectorAssembler
 from pyspark.ml.functions import vector_to_array
@@ -30,9 +31,11 @@ from pyspark.sql.types import ArrayType, FloatType, IntegerType, StringType, Str
 
 from recsys import tables
 from recsys.config import Config
+from recsys.encoders.image import model_id as image_model_id
 from recsys.encoders.text import model_id as text_model_id
 from recsys.encoders.text import resolve_model_path
-from recsys.inference import TextEmbedderSpec, make_text_embedder
+from recsys.inference import ImageEmbedderSpec, TextEmbedderSpec, make_image_embedder, make_text_embedder
+from recsys.sources.images import image_files
 from recsys.sources.schema import TEMPLATE_FIELDS, render_text
 
 logger = logging.getLogger(__name__)
@@ -125,6 +128,149 @@ def embed_text(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         "skipped": n_all - n_todo,
         "seconds": round(seconds, 2),
         "texts_per_s": round(rate, 2),
+    }
+
+
+def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> dict[str, Any]:
+    """Embed the image of every article whose image file or model changed since it was embedded.
+
+    The bytes come through ``binaryFile`` (local disk, HDFS or an object store), joined to
+    ``articles.image_path``; an image's ``content_hash`` is the sha256 of its path, length and
+    modification time, so unchanged files are not read again. Decoding and resizing happen in the
+    pandas UDF. A file that cannot be used (zero bytes, not an image, truncated, over
+    ``image.max_pixels``) goes to ``quarantine`` with its path and reason, and its article keeps
+    its other modalities. Image vectors of articles whose image is gone or now unreadable are
+    deleted, so no stale vector is served.
+
+    Args:
+        weights: ``image.weights`` resolved (``trained`` replaced by the checkpoint path).
+
+    Returns:
+        ``{model_id, articles_with_image, missing_files, embedded, skipped, quarantined, seconds,
+        images_per_s}``.
+    """
+    db = cfg.data.database
+    mid = image_model_id(cfg.image.arch, weights, cfg.image.height, cfg.image.width, cfg.image.seed)
+    started = time.perf_counter()
+    with_path = tables.read(spark, db, tables.ARTICLES).where(F.col("image_path").isNotNull()).select(
+        "article_id", "image_path"
+    )
+    meta = image_files(spark, with_path)
+    candidates = with_path.join(meta, "image_path", "left").withColumn(
+        "content_hash",
+        F.when(
+            F.col("length").isNotNull(),
+            F.sha2(F.concat_ws("|", "image_path", "length", F.col("modification_time").cast("string"), F.lit(mid)), 256),
+        ),
+    ).persist()
+    existing = (
+        tables.read(spark, db, tables.ITEM_EMBEDDINGS)
+        .where((F.col("modality") == "image") & (F.col("model_id") == mid))
+        .select("article_id", F.col("content_hash").alias("done_hash"))
+    )
+    todo = (
+        candidates.where(F.col("content_hash").isNotNull())
+        .join(existing, "article_id", "left")
+        .where(F.col("done_hash").isNull() | (F.col("done_hash") != F.col("content_hash")))
+        .select("article_id", "image_path", "content_hash")
+    ).persist()
+    counts = tables.first_row(
+        candidates.agg(F.count(F.lit(1)).alias("n"), F.sum(F.col("length").isNull().cast("int")).alias("missing"))
+    )
+    n_with_path, n_missing = int(counts["n"]), int(counts["missing"] or 0)
+    n_todo = todo.count()
+    quarantined = 0
+    if n_todo:
+        if weights not in ("none",) and not weights.startswith("torchvision:") and "://" not in weights:
+            spark.sparkContext.addFile(weights)  # executors that cannot read the driver's path get a copy
+        spec = ImageEmbedderSpec(
+            arch=cfg.image.arch, weights=weights, height=cfg.image.height, width=cfg.image.width,
+            batch_size=cfg.image.batch_size, torch_threads=torch_threads(spark, cfg.image.torch_threads),
+            max_pixels=cfg.image.max_pixels, seed=cfg.image.seed,
+        )
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.image.arrow_batch_size))
+        slots = spark.sparkContext.defaultParallelism
+        partitions = slots * max(1, -(-n_todo // (2_000 * slots)))
+        blobs = image_files(spark, todo.select("image_path"), content=True).select("image_path", "content")
+        results = (
+            todo.join(blobs, "image_path")
+            .repartition(partitions, "article_id")
+            .select("article_id", "image_path", "content_hash", make_image_embedder(spec)("content").alias("r"))
+            .persist()
+        )
+        results.count()  # the UDF runs once; both writes below read the cached result
+        vectors = results.where(F.col("r.error").isNull()).select(
+            "article_id",
+            F.lit("image").alias("modality"),
+            F.lit(mid).alias("model_id"),
+            F.col("r.vector").alias("vector"),
+            F.size("r.vector").alias("dim"),
+            "content_hash",
+            F.lit(run_id).alias("run_id"),
+        )
+        tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors)
+        rejects = results.where(F.col("r.error").isNotNull()).select(
+            F.lit(run_id).alias("run_id"),
+            F.col("image_path").alias("source"),
+            F.lit(0).cast("long").alias("row"),
+            F.concat(F.lit("article_id="), F.col("article_id")).alias("record"),
+            F.concat(F.lit("image: "), F.col("r.error")).alias("reason"),
+            F.lit("embed").alias("stage"),
+            F.current_timestamp().alias("quarantined_at"),
+        )
+        quarantined = rejects.count()
+        if quarantined:
+            tables.merge(spark, db, tables.QUARANTINE, rejects, insert_only=True)
+            for r in rejects.limit(5).collect():
+                logger.warning("image quarantined: %s (%s)", r["source"], r["reason"])
+        bad = results.where(F.col("r.error").isNotNull()).select("article_id")
+    else:
+        results = None
+        bad = spark.createDataFrame([], "article_id string")
+    # stale image vectors: the image was removed, its file is gone, or it is now unreadable
+    usable = candidates.where(F.col("content_hash").isNotNull()).select("article_id").join(bad, "article_id", "left_anti")
+    stale = (
+        tables.read(spark, db, tables.ITEM_EMBEDDINGS)
+        .where(F.col("modality") == "image")
+        .select("article_id")
+        .join(usable, "article_id", "left_anti")
+        .distinct()
+        .persist()
+    )
+    n_stale = stale.count()
+    if n_stale:
+        target = DeltaTable.forName(spark, tables.qualified(db, tables.ITEM_EMBEDDINGS))
+        target.alias("t").merge(
+            stale.alias("s"), "t.modality = 'image' AND t.article_id = s.article_id"
+        ).whenMatchedDelete().execute()
+    stale.unpersist()
+    # one image model is served: vectors of an earlier model leave with its configuration
+    DeltaTable.forName(spark, tables.qualified(db, tables.ITEM_EMBEDDINGS)).delete(
+        (F.col("modality") == "image") & (F.col("model_id") != mid)
+    )
+    if results is not None:
+        results.unpersist()
+    seconds = time.perf_counter() - started
+    todo.unpersist()
+    candidates.unpersist()
+    embedded = n_todo - quarantined
+    rate = n_todo / seconds if n_todo and seconds > 0 else 0.0
+    logger.info(
+        "embed image: %d articles with an image path (%d files missing), %d embedded, %d quarantined, "
+        "%d unchanged, %d stale removed, %.1f s, %.1f images/s (model %s)",
+        n_with_path, n_missing, embedded, quarantined, n_with_path - n_missing - n_todo, n_stale, seconds,
+        rate, mid,
+    )
+    return {
+        "model_id": mid,
+        "articles_with_image": n_with_path,
+        "missing_files": n_missing,
+        "embedded": embedded,
+        "quarantined": quarantined,
+        "skipped": n_with_path - n_missing - n_todo,
+        "stale_removed": n_stale,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(rate, 2),
     }
 
 

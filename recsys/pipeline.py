@@ -1,4 +1,5 @@
-"""The stages in order: ingest → embed (text, metadata, fuse) → neighbours → recommend.
+"""The stages in order: ingest → train (image encoder) → embed (text, image, metadata, fuse) →
+neighbours → recommend.
 
 Each stage is idempotent (MERGE on keys, or one-commit replacement of what it owns), so a
 rerun on the same inputs leaves the same tables. The run's report (counts and seconds per
@@ -20,13 +21,14 @@ from pyspark.sql.types import DoubleType, StringType, StructField, StructType
 
 from recsys import tables
 from recsys.config import Config
-from recsys.embed import embed_metadata, embed_text, fuse
+from recsys.embed import embed_image, embed_metadata, embed_text, fuse
 from recsys.ingest import ingest
 from recsys.recommend import current_model_ids, neighbours, recommend
+from recsys.training import resolve_image_weights, train
 
 logger = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("ingest", "embed", "neighbours", "recommend")
+STAGES: tuple[str, ...] = ("ingest", "train", "embed", "neighbours", "recommend")
 
 
 def default_run_id(run_date: dt.date | None = None) -> str:
@@ -35,17 +37,31 @@ def default_run_id(run_date: dt.date | None = None) -> str:
 
 
 def embed(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
-    """Embed stage: text (incremental), metadata, then the fused vector."""
+    """Embed stage: text and image (incremental), metadata, then the fused vector.
+
+    Raises:
+        FileNotFoundError: ``image.weights`` is ``trained``, articles have images, and no
+            checkpoint was trained (the train stage is off or has not run).
+    """
     report: dict[str, Any] = {}
     model_ids: dict[str, str] = {}
     if cfg.text.enabled:
         report["text"] = embed_text(spark, cfg, run_id)
         model_ids["text"] = report["text"]["model_id"]
+    if cfg.image.enabled:
+        has_images = bool(
+            tables.read(spark, cfg.data.database, tables.ARTICLES).where(F.col("image_path").isNotNull()).limit(1).count()
+        )
+        if has_images:
+            report["image"] = embed_image(spark, cfg, run_id, resolve_image_weights(cfg))
+            model_ids["image"] = report["image"]["model_id"]
+        else:
+            logger.info("embed image: no article has an image, skipped")
     if cfg.metadata.enabled:
         report["metadata"] = embed_metadata(spark, cfg, run_id)
         model_ids["metadata"] = report["metadata"]["model_id"]
     for modality, mid in current_model_ids(spark, cfg).items():
-        if modality not in ("fused", "text", "metadata"):
+        if modality not in ("fused", "text", "image", "metadata"):
             model_ids.setdefault(modality, mid)
     report["fused"] = fuse(spark, cfg, run_id, model_ids)
     return report
@@ -53,6 +69,7 @@ def embed(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
 
 STAGE_FUNCTIONS: dict[str, Callable[[SparkSession, Config, str], dict[str, Any]]] = {
     "ingest": ingest,
+    "train": train,
     "embed": embed,
     "neighbours": neighbours,
     "recommend": recommend,

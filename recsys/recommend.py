@@ -16,6 +16,7 @@ from recsys.embed import current_vectors
 from recsys.encoders.text import model_id as text_model_id
 from recsys.encoders.text import resolve_model_path
 from recsys.knn import LSHParams, recall_at_k, top_k
+from recsys.quality import linear_probe
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +75,30 @@ def neighbours(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     Writes ``item_neighbours`` (the modality's rows replaced in one commit). For the fused
     vectors, each pair also carries the cosine in every modality (``modality_scores``).
 
+    Quality per modality: category precision@K over all its articles and over the articles that
+    have every modality (``common``, where modalities compare like for like), and a linear probe
+    (:func:`recsys.quality.linear_probe`) on the common articles.
+
     Returns:
         Per modality: ``articles``, ``rows``, ``seconds``, ``recall_at_k`` (LSH against exact on
-        ``cfg.knn.recall_sample`` queries), ``category_precision_at_k``.
+        ``cfg.knn.recall_sample`` queries), ``category_precision_at_k``,
+        ``category_precision_common_at_k``, ``probe_macro_f1``, ``probe_accuracy``; and
+        ``common_articles``.
     """
     db = cfg.data.database
     model_ids = current_model_ids(spark, cfg)
     params = LSHParams(**cfg.knn.lsh.model_dump())
     report: dict[str, Any] = {"k": cfg.knn.k, "backend": cfg.knn.backend}
+    base = sorted(m for m in model_ids if m != "fused")
+    common = (
+        current_vectors(spark, cfg, {m: model_ids[m] for m in base})
+        .groupBy("article_id")
+        .agg(F.countDistinct("modality").alias("n"))
+        .where(F.col("n") == len(base))
+        .select("article_id")
+        .persist()
+    )
+    report["common_articles"] = common.count()
     for modality in cfg.knn.modalities:
         if modality not in model_ids:
             logger.info("neighbours %s: no vectors (modality off or not embedded), skipped", modality)
@@ -117,7 +134,11 @@ def neighbours(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
             "rows": int(counts["rows"]),
             "seconds": round(seconds, 2),
             "category_precision_at_k": round(category_precision(spark, cfg, written), 4),
+            "category_precision_common_at_k": round(
+                category_precision(spark, cfg, written.join(common, "article_id", "left_semi")), 4
+            ),
         }
+        entry.update(linear_probe(spark, cfg, vectors.join(common, "article_id", "left_semi")))
         if cfg.knn.recall_sample and cfg.knn.backend != "exact":
             t0 = time.perf_counter()
             r = recall_at_k(vectors, written, cfg.knn.k, cfg.knn.recall_sample)
@@ -127,10 +148,13 @@ def neighbours(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         vectors.unpersist()
         report[modality] = entry
         logger.info(
-            "neighbours %s: %d articles, %d rows, %.1f s, recall@%d %s, category precision@%d %.3f",
+            "neighbours %s: %d articles, %d rows, %.1f s, recall@%d %s, category precision@%d %.3f "
+            "(common articles %.3f), probe macro-F1 %s",
             modality, entry["articles"], entry["rows"], seconds, cfg.knn.k, entry.get("recall_at_k", "n/a"),
-            cfg.knn.k, entry["category_precision_at_k"],
+            cfg.knn.k, entry["category_precision_at_k"], entry["category_precision_common_at_k"],
+            entry.get("probe_macro_f1", "n/a"),
         )
+    common.unpersist()
     return report
 
 

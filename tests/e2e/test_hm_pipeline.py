@@ -83,8 +83,26 @@ def test_every_article_gets_k_recommendations_in_order(spark, hm_run: set[str]) 
         assert [r for r, _, _ in lst] == list(range(1, K + 1))
         for (_, s1, id1), (_, s2, id2) in zip(lst, lst[1:]):
             assert s1 > s2 or (s1 == s2 and id1 < id2)
-    sample = recs.where(F.col("rank") == 1).select("modality_scores").first()["modality_scores"]
-    assert set(sample) == {"text", "metadata"}
+    scored = {m for r in recs.select("modality_scores").collect() for m in r["modality_scores"]}
+    assert scored == {"text", "image", "metadata"}  # image scores where both articles have an image
+
+
+def test_images_are_trained_on_embedded_and_searched(spark, hm_run: set[str], capsys) -> None:  # type: ignore[no-untyped-def]
+    from recsys.cli import main
+
+    metrics = dict(spark.table(f"{DB}.metrics").where("run_id = 'e2e'").select("name", "value").collect())
+    with_image = spark.table(f"{DB}.articles").where("image_path IS NOT NULL").count()
+    assert metrics["train.images"] == with_image > 300
+    assert 0.3 < metrics["train.holdout_accuracy"] <= 1.0  # better than chance over 10+ groups
+    assert metrics["embed.image.embedded"] + metrics["embed.image.quarantined"] == with_image
+    images = spark.table(f"{DB}.item_embeddings").where("modality = 'image'").count()
+    assert images == metrics["embed.image.embedded"]
+    assert metrics["neighbours.image.articles"] == images
+    for modality in ("fused", "text", "image", "metadata"):
+        assert 0.0 < metrics[f"neighbours.{modality}.probe_macro_f1"] <= 1.0
+    assert main(["metrics", "--run-id", "e2e", "--conf", "hm", "--set", f"data.database={DB}"]) == 0
+    out = capsys.readouterr().out
+    assert "quality per modality" in out and "\nimage " in out
 
 
 def test_recall_and_category_agreement_are_recorded(spark, hm_run: set[str]) -> None:  # type: ignore[no-untyped-def]
