@@ -117,6 +117,7 @@ class TrainConfig(_Section):
     learning_rate: float = Field(0.002, gt=0, le=10)
     weight_decay: float = Field(0.05, ge=0, le=10)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    class_weight_power: float = Field(0.5, ge=0, le=1)
     holdout: float = Field(0.1, gt=0, lt=1)
     min_class_count: int = Field(50, ge=1)
     max_images: int = Field(0, ge=0)

@@ -181,8 +181,11 @@ def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> 
     n_todo = todo.count()
     quarantined = 0
     if n_todo:
-        if weights not in ("none",) and not weights.startswith("torchvision:") and "://" not in weights:
-            spark.sparkContext.addFile(weights)  # executors that cannot read the driver's path get a copy
+        if weights != "none" and not weights.startswith("torchvision:") and "://" not in weights:
+            try:  # executors that cannot read the driver's path get a copy (SparkFiles)
+                spark.sparkContext.addFile(weights)
+            except Exception as err:  # e.g. another file of the same name was added in this session
+                logger.warning("could not ship %s with addFile (%s); executors read it from its path", weights, err)
         spec = ImageEmbedderSpec(
             arch=cfg.image.arch, weights=weights, height=cfg.image.height, width=cfg.image.width,
             batch_size=cfg.image.batch_size, torch_threads=torch_threads(spark, cfg.image.torch_threads),

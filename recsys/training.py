@@ -7,8 +7,9 @@ converter", https://petastorm.readthedocs.io). Decoding and augmentation (reflec
 crop, horizontal flip) run in petastorm's reader threads through a ``TransformSpec``.
 
 - Classes: the category level ``train.label``; classes with fewer than ``train.min_class_count``
-  training images merge into ``other``, and the loss weighs each class by ``1/sqrt(count)``
-  (normalised to mean 1), so rare classes are not ignored.
+  training images merge into ``other``, and the loss weighs each class by
+  ``count^-train.class_weight_power`` (default 0.5: ``1/sqrt(count)``; normalised to mean 1), so
+  rare classes are not ignored.
 - Held-out split: ``train.holdout`` of the product groups (``product_group_id``: colour and size
   variants of one product) by a seeded hash, so variants never straddle the split.
 - Optimiser: AdamW with a one-cycle learning rate (Smith & Topin 2017), label smoothing;
@@ -269,7 +270,7 @@ def _fit(
         # updated running statistics
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = 0.1
-    weight = 1.0 / np.sqrt(np.maximum(class_counts, 1.0))
+    weight = np.maximum(class_counts, 1.0) ** -cfg.train.class_weight_power
     weight = torch.tensor(weight / weight.mean(), dtype=torch.float32, device=device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)

@@ -83,3 +83,24 @@ def test_base_yaml_states_exactly_the_model_defaults() -> None:
     from recsys.config import Config
 
     assert load_config() == Config()
+
+
+def test_image_arch_is_checked_against_torchvision() -> None:
+    with pytest.raises(ConfigError, match="--set: image.arch .*not a torchvision classification model"):
+        load_config("local", ["image.arch=resnet_nonexistent"])
+    with pytest.raises(ConfigError, match="supported families"):
+        load_config("local", ["image.arch=googlenet"])  # a torchvision model whose head is not handled
+    assert load_config("local", ["image.arch=resnet50"]).image.arch == "resnet50"
+
+
+def test_quality_table_has_one_row_per_modality_fused_first() -> None:
+    from recsys.cli import quality_table
+
+    metrics = {
+        "neighbours.text.category_precision_at_k": 0.8, "neighbours.text.probe_macro_f1": 0.7,
+        "neighbours.fused.category_precision_at_k": 0.9, "neighbours.fused.articles": 100.0,
+        "neighbours.image.category_precision_at_k": 0.6, "neighbours.k": 12.0, "embed.text.seconds": 3.0,
+    }
+    rows = quality_table(metrics)
+    assert [r["modality"] for r in rows] == ["fused", "image", "text"]
+    assert rows[0]["articles"] == 100 and rows[2]["probe_macro_f1"] == 0.7 and rows[1]["probe_macro_f1"] is None
