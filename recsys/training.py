@@ -270,8 +270,8 @@ def _fit(
         # updated running statistics
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = 0.1
-    weight = np.maximum(class_counts, 1.0) ** -cfg.train.class_weight_power
-    weight = torch.tensor(weight / weight.mean(), dtype=torch.float32, device=device)
+    raw = np.maximum(class_counts, 1.0) ** -cfg.train.class_weight_power
+    weight = torch.tensor(raw / raw.mean(), dtype=torch.float32, device=device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = max(1, math.ceil(n_train / cfg.train.batch_size))
