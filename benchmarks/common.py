@@ -54,3 +54,14 @@ class PeakMemory:
     @property
     def peak_gib(self) -> float:
         return self.peak / 2**30
+
+
+def cold_and_warm_seconds(df: object) -> tuple[float, float]:
+    """Seconds for two full evaluations of ``df`` (a Spark DataFrame, written to the ``noop``
+    sink): the first includes starting Python workers and loading models, the second reuses them."""
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        df.write.format("noop").mode("overwrite").save()  # type: ignore[attr-defined]
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1]

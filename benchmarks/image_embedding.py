@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import hm_path
+from benchmarks.common import cold_and_warm_seconds, hm_path
 from recsys.config import load_config
 
 
@@ -58,14 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     df = spark.createDataFrame(list(zip(ids, blobs)), "article_id string, content binary").repartition(args.threads).persist()
     df.count()
     embedded = df.select("article_id", make_image_embedder(spec)("content").alias("r"))
-
-    def udf_run() -> float:
-        t0 = time.perf_counter()
-        embedded.write.format("noop").mode("overwrite").save()
-        return time.perf_counter() - t0
-
-    udf_cold = udf_run()  # includes starting Python workers and loading the model
-    udf_warm = udf_run()  # workers reused, model cached in each worker
+    udf_cold, udf_warm = cold_and_warm_seconds(embedded)
     udf_vectors = {r["article_id"]: np.asarray(r["r"]["vector"], np.float32) for r in embedded.collect()}
     spark.stop()
 

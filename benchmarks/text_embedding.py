@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import hm_path
+from benchmarks.common import cold_and_warm_seconds, hm_path
 from recsys.config import load_config
 from recsys.encoders.text import embed_texts, load_text_model, resolve_model_path
 from recsys.sources.schema import render_text
@@ -64,14 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         df.sortWithinPartitions(F.length("text"))
         .select("article_id", make_text_embedder(spec)("text").alias("vector"))
     )
-
-    def udf_run() -> float:
-        t0 = time.perf_counter()
-        embedded.write.format("noop").mode("overwrite").save()
-        return time.perf_counter() - t0
-
-    udf_cold = udf_run()  # includes starting Python workers and loading the model
-    udf_warm = udf_run()  # workers reused, model cached in each worker
+    udf_cold, udf_warm = cold_and_warm_seconds(embedded)
     udf_vectors = {r["article_id"]: np.asarray(r["vector"], np.float32) for r in embedded.collect()}
 
     torch.set_num_threads(2)
