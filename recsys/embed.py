@@ -146,8 +146,9 @@ def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> 
         weights: ``image.weights`` resolved (``trained`` replaced by the checkpoint path).
 
     Returns:
-        ``{model_id, articles_with_image, missing_files, embedded, skipped, quarantined, seconds,
-        images_per_s}``.
+        ``{model_id, articles_with_image, missing_files, embedded, skipped, quarantined,
+        stale_removed, seconds, images_per_s}``; ``missing_files`` counts articles whose
+        ``image_path`` names a file that no longer exists.
     """
     db = cfg.data.database
     mid = image_model_id(cfg.image.arch, weights, cfg.image.height, cfg.image.width, cfg.image.seed)
