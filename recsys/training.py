@@ -200,14 +200,20 @@ def train(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     labelled = frame.join(F.broadcast(index), "label", "left").withColumn(
         "label_index", F.coalesce("label_index", F.lit(other))
     ).where(F.col("label_index") >= 0)
+    # counts from the labelled rows (no image bytes): the bytes are read only when petastorm
+    # materialises each split
+    class_counts = np.zeros(len(classes))
+    n_holdout = 0
+    for r in labelled.groupBy("holdout", "label_index").count().collect():
+        if r["holdout"]:
+            n_holdout += int(r["count"])
+        else:
+            class_counts[r["label_index"]] = r["count"]
+    n_train = int(class_counts.sum())
     files = image_files(spark, labelled.select("image_path"), content=True).select("image_path", "content")
     data = labelled.join(files, "image_path").select("content", F.col("label_index").alias("label"), "holdout")
     train_df = data.where(~F.col("holdout")).drop("holdout")
     holdout_df = data.where(F.col("holdout")).drop("holdout")
-    class_counts = np.zeros(len(classes))
-    for r in train_df.groupBy("label").count().collect():
-        class_counts[r["label"]] = r["count"]
-    n_train, n_holdout = int(class_counts.sum()), holdout_df.count()
     logger.info(
         "train: %d images (%d train, %d held out), %d classes on %s, %s %dx%d, %d epochs",
         n_images, n_train, n_holdout, len(classes), cfg.train.label, cfg.image.arch, cfg.image.height,
