@@ -150,20 +150,35 @@ class FusionConfig(_Section):
 
 
 class LSHConfig(_Section):
-    bands: int = Field(24, ge=1, le=512)
+    hash: Literal["kmeans", "srp"] = "kmeans"
+    bands: int = Field(1, ge=1, le=512)
+    probes: int = Field(20, ge=1, le=4096)
+    target_bucket_size: int = Field(60, ge=2, le=1_000_000)
     bits_per_band: int = Field(0, ge=0, le=40)
-    target_bucket_size: int = Field(256, ge=2, le=1_000_000)
     max_bucket_size: int = Field(4000, ge=2, le=1_000_000)
+    sample_size: int = Field(25_000, ge=10, le=10_000_000)
+    iterations: int = Field(8, ge=1, le=100)
+    seed: int = 42
+
+
+class MLlibConfig(_Section):
+    bucket_length: float = Field(0.0, ge=0.0)
+    bucket_length_factor: float = Field(1.0, gt=0.0)
+    num_hash_tables: int = Field(3, ge=1, le=1000)
+    threshold: float = Field(0.0, ge=0.0, le=2.0)
+    min_cosine: float = Field(0.5, ge=-1.0, le=1.0)
     seed: int = 42
 
 
 class KNNConfig(_Section):
     k: int = Field(12, ge=1, le=1000)
-    backend: Literal["lsh", "exact"] = "lsh"
+    backend: Literal["lsh", "exact", "mllib"] = "lsh"
     lsh: LSHConfig = LSHConfig()
+    mllib: MLlibConfig = MLlibConfig()
     modalities: tuple[str, ...] = ("fused", "text", "image", "metadata")
     recall_sample: int = Field(500, ge=0, le=100_000)
     block_size: int = Field(2048, ge=16, le=65_536)
+    exact_block_rows: int = Field(25_000, ge=16, le=10_000_000)
 
     @field_validator("modalities")
     @classmethod

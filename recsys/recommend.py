@@ -16,6 +16,7 @@ from recsys.embed import current_vectors
 from recsys.encoders.text import model_id as text_model_id
 from recsys.encoders.text import resolve_model_path
 from recsys.knn import LSHParams, recall_at_k, top_k
+from recsys.knn_mllib import MLlibParams
 from recsys.quality import linear_probe
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def neighbours(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         vectors = current_vectors(spark, cfg, {modality: model_ids[modality]}).select("article_id", "vector")
         vectors = vectors.persist()
         segments = fused_segments(spark, cfg, model_ids) if modality == "fused" else ()
-        result = top_k(vectors, cfg.knn.k, cfg.knn.backend, params, segments, cfg.knn.block_size)
+        result = top_k(vectors, cfg.knn.k, cfg.knn.backend, params, segments, cfg.knn.block_size,
+                       cfg.knn.exact_block_rows, MLlibParams(**cfg.knn.mllib.model_dump()))
         names = F.array(*[F.lit(s[0]) for s in segments]) if segments else None
         scores = (
             F.map_filter(F.map_from_arrays(names, F.col("segment_scores")), lambda _k, v: ~F.isnan(v))  # type: ignore[arg-type]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
-from recsys.knn import LSHParams, exact_top_k, recall_at_k, top_k
+from recsys.knn import LSHParams, exact_top_k, fit_index, recall_at_k, top_k, update_top_k
+from recsys.knn_mllib import MLlibParams
 from tests.unit.test_knn_kernels import clustered
 
 pytestmark = pytest.mark.spark
@@ -41,7 +42,7 @@ def test_exact_backend_equals_numpy_brute_force(spark) -> None:  # type: ignore[
 def test_lsh_recall_against_exact_and_contract(spark) -> None:  # type: ignore[no-untyped-def]
     v = clustered(3000, 32, 30, seed=4, spread=0.4)
     df = frame(spark, v)
-    result = top_k(df, 10, params=LSHParams(bands=16, target_bucket_size=128, seed=3))
+    result = top_k(df, 10, params=LSHParams(target_bucket_size=60, probes=10, seed=3))
     found = lists(result)
     truth, truth_scores = exact_top_k(v, np.arange(3000), 10)
     hits = 0
@@ -60,28 +61,51 @@ def test_lsh_recall_against_exact_and_contract(spark) -> None:  # type: ignore[n
 
 
 def test_recall_measure_can_fail(spark) -> None:  # type: ignore[no-untyped-def]
-    """A deliberately weak LSH (1 band, many bits) measures far lower recall."""
+    """A deliberately weak LSH (one probe into small buckets) measures far lower recall."""
     v = clustered(2000, 32, 20, seed=8, spread=0.4)
     df = frame(spark, v)
-    weak = top_k(df, 10, params=LSHParams(bands=1, bits_per_band=12, seed=3))
+    weak = top_k(df, 10, params=LSHParams(probes=1, target_bucket_size=10, seed=3))
     assert recall_at_k(df, weak, 10, sample=200)["recall"] < 0.6
 
 
 def test_results_are_deterministic_for_a_seed(spark) -> None:  # type: ignore[no-untyped-def]
     v = clustered(800, 16, 10, seed=6)
     df = frame(spark, v)
-    params = LSHParams(bands=6, target_bucket_size=64, seed=11)
-    assert lists(top_k(df, 5, params=params)) == lists(top_k(df, 5, params=params))
+    params = LSHParams(bands=2, probes=4, target_bucket_size=40, seed=11)
+    first = lists(top_k(df, 5, params=params))
+    assert first == lists(top_k(df, 5, params=params))
+    assert first != lists(top_k(df, 5, params=LSHParams(bands=2, probes=4, target_bucket_size=40, seed=12)))
+    srp = LSHParams(hash="srp", bands=4, target_bucket_size=64, seed=11)
+    assert lists(top_k(df, 5, params=srp)) == lists(top_k(df, 5, params=srp))
 
 
 def test_skewed_bucket_is_windowed_not_all_pairs(spark) -> None:  # type: ignore[no-untyped-def]
-    """30% of the items are near-copies of one vector: their bucket exceeds max_bucket_size."""
-    rng = np.random.default_rng(0)
+    """30% of the items are one identical vector: k-means cannot split them, so their bucket
+    exceeds max_bucket_size and is scored in windows; everyone still gets k neighbours."""
     v = clustered(1000, 16, 10, seed=9)
-    v[:300] = v[0] + 1e-3 * rng.standard_normal((300, 16)).astype(np.float32)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    result = lists(top_k(frame(spark, v), 5, params=LSHParams(bands=4, target_bucket_size=64, max_bucket_size=100)))
-    assert all(len(result[f"a{i:05d}"]) == 5 for i in range(300))
+    v[:300] = v[0]
+    result = lists(top_k(frame(spark, v), 5, params=LSHParams(target_bucket_size=50, max_bucket_size=100, probes=3)))
+    assert all(len(result[f"a{i:05d}"]) == 5 for i in range(1000))
+    for i in range(300):  # a copy's neighbours are copies (score 1), the smallest ids first among ties
+        assert all(abs(s - 1.0) < 1e-5 for _, _, s in result[f"a{i:05d}"])
+    # the windowed copies still find their top-5 among the other copies only
+    assert {n for _, n, _ in result["a00000"]} <= {f"a{i:05d}" for i in range(300)}
+
+
+def test_backends_share_one_contract(spark) -> None:  # type: ignore[no-untyped-def]
+    """mllib and srp return the same table shape and order; on a tiny catalogue all equal exact."""
+    v = clustered(60, 8, 3, seed=12)
+    df = frame(spark, v)
+    exact = top_k(df, 4, backend="exact")
+    assert exact.columns == ["article_id", "rank", "neighbour_id", "score", "segment_scores"]
+    truth = lists(exact)
+    mllib = top_k(df, 4, backend="mllib", mllib=MLlibParams(bucket_length=10.0, min_cosine=-1.0))
+    assert mllib.columns == exact.columns
+    assert {a: [n for _, n, _ in r] for a, r in lists(mllib).items()} == {a: [n for _, n, _ in r] for a, r in truth.items()}
+    srp = lists(top_k(df, 4, params=LSHParams(hash="srp", bands=2, bits_per_band=1)))
+    assert len(srp) == 60 and all(len(r) == 4 for r in srp.values())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        top_k(df, 4, backend="faiss")
 
 
 def test_edge_cases(spark) -> None:  # type: ignore[no-untyped-def]
@@ -96,7 +120,7 @@ def test_edge_cases(spark) -> None:  # type: ignore[no-untyped-def]
         top_k(three, 0)
     bad = clustered(4, 4, 2)
     bad[2, 1] = np.nan
-    with pytest.raises(ValueError, match=r"1 vector\(s\) hold NaN or inf, e.g. article_id a00002"):
+    with pytest.raises(ValueError, match=r"1 vector\(s\) hold NaN, inf or null, e.g. article_id a00002"):
         top_k(frame(spark, bad), 2)
     zero = clustered(4, 4, 2)
     zero[3] = 0
@@ -105,3 +129,42 @@ def test_edge_cases(spark) -> None:  # type: ignore[no-untyped-def]
     mixed = spark.createDataFrame([("a", [1.0, 0.0]), ("b", [1.0, 0.0, 0.0])], SCHEMA)
     with pytest.raises(ValueError, match="different lengths"):
         top_k(mixed, 1)
+    null = spark.createDataFrame([("a", [1.0, 0.0]), ("b", None)], SCHEMA)
+    with pytest.raises(ValueError, match=r"1 article\(s\) have a null vector, e.g. article_id b"):
+        top_k(null, 1)
+    twice = spark.createDataFrame([("a", [1.0, 0.0]), ("a", [0.0, 1.0]), ("b", [1.0, 1.0])], SCHEMA)
+    with pytest.raises(ValueError, match=r"1 duplicate article_id"):
+        top_k(twice, 1)
+    for backend in ("exact", "mllib"):  # every backend: no rows for one item, all it can when k > n
+        assert top_k(one, 5, backend=backend).count() == 0
+        assert all(len(rows) == 2 for rows in lists(top_k(three, 10, backend=backend,
+                                                           mllib=MLlibParams(min_cosine=-1.0))).values())
+
+
+def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignore[no-untyped-def]
+    """40 changed, 30 removed and 100 new articles: the update equals a full run with the same index."""
+    rng = np.random.default_rng(3)
+    v = clustered(1500, 16, 12, seed=21, spread=0.35)
+    ids = [f"a{i:05d}" for i in range(1500)]
+    old = frame(spark, v[:1400], ids[:1400])
+    index = fit_index(old, LSHParams(target_bucket_size=40, probes=4, seed=5))
+    before = top_k(old, 6, index=index).localCheckpoint()
+    changed = list(range(100, 140))
+    v2 = v.copy()
+    v2[changed] += 0.3 * rng.standard_normal((len(changed), 16)).astype(np.float32)
+    v2 /= np.linalg.norm(v2, axis=1, keepdims=True)
+    keep = [i for i in range(1500) if not 200 <= i < 230]
+    now = frame(spark, v2[keep], [ids[i] for i in keep])
+    new_or_changed = spark.createDataFrame([(ids[i],) for i in [*changed, *range(1400, 1500)]], "article_id string")
+    updated = lists(update_top_k(now, before, new_or_changed, 6, index))
+    full = lists(top_k(now, 6, index=index))
+    assert updated.keys() == full.keys() and len(full) == len(keep)
+    for article, rows in full.items():
+        assert [n for _, n, _ in updated[article]] == [n for _, n, _ in rows], article
+        assert np.allclose([s for _, _, s in updated[article]], [s for _, _, s in rows], atol=1e-5)
+    # the update did real work: unchanged articles gained new neighbours and lost removed ones
+    old_lists = lists(before)
+    unchanged = [ids[i] for i in keep if i < 100 or 140 <= i < 1400]
+    gained = sum(any(int(n[1:]) >= 1400 for _, n, _ in full[a]) for a in unchanged)
+    lost = sum(any(200 <= int(n[1:]) < 230 for _, n, _ in old_lists[a]) for a in unchanged)
+    assert gained > 0 and lost > 0, (gained, lost)
