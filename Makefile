@@ -14,7 +14,7 @@ DATA ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-unit lint bench wheel clean
+.PHONY: venv run test test-unit lint bench bench-knn wheel clean
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ lint: venv
 bench: venv
 	$(PY) -m benchmarks.text_embedding
 	$(PY) -m benchmarks.image_embedding
+
+# KNN backends side by side (H&M text vectors and 1M synthetic vectors; about an hour on 2 cores)
+bench-knn: venv
+	$(PY) -m benchmarks.knn
 
 wheel: venv
 	$(PY) -m build --wheel --no-isolation

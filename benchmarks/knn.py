@@ -3,7 +3,7 @@
 Runs ``recsys.knn.top_k`` with each backend on the same vectors in one Spark session and prints
 one table per dataset:
 
-* ``exact``: all pairs, query blocks scanned against the distributed vectors (the reference);
+* ``exact``: all pairs, a grid of (query block, data block) cells scored as dense products (the reference);
 * ``lsh``: the library's LSH, candidates from buckets re-scored exactly (``--lsh KEY=VALUE,...``
   gives one row per set of ``LSHParams``; default ``LSHParams()``);
 * ``mllib``: Spark MLlib's ``BucketedRandomProjectionLSH`` (``--mllib-bucket-length`` and

@@ -66,7 +66,7 @@ def mllib_pairs(indexed: DataFrame, k: int, params: MLlibParams, n: int, dim: in
         ``idx, nidx, score, rank`` (``recsys.knn.pair_schema(ranked=True)``),
         score = ``1 - distance² / 2`` (the cosine), rank by score then ``nidx``.
     """
-    features = indexed.select("idx", array_to_vector("vector").alias("features"))
+    features = indexed.select("idx", array_to_vector(F.col("vector")).alias("features"))
     model = BucketedRandomProjectionLSH(
         inputCol="features", outputCol="hashes", bucketLength=params.length(n, dim),
         numHashTables=params.num_hash_tables, seed=params.seed,

@@ -61,10 +61,11 @@ def test_lsh_recall_against_exact_and_contract(spark) -> None:  # type: ignore[n
 
 
 def test_recall_measure_can_fail(spark) -> None:  # type: ignore[no-untyped-def]
-    """A deliberately weak LSH (one probe into small buckets) measures far lower recall."""
+    """A deliberately weak LSH (one probe into buckets of about 25: big enough to skip the exact
+    top-up, too few to hold most neighbours) measures far lower recall."""
     v = clustered(2000, 32, 20, seed=8, spread=0.4)
     df = frame(spark, v)
-    weak = top_k(df, 10, params=LSHParams(probes=1, target_bucket_size=10, seed=3))
+    weak = top_k(df, 10, params=LSHParams(probes=1, target_bucket_size=25, seed=3))
     assert recall_at_k(df, weak, 10, sample=200)["recall"] < 0.6
 
 
@@ -138,7 +139,7 @@ def test_edge_cases(spark) -> None:  # type: ignore[no-untyped-def]
     for backend in ("exact", "mllib"):  # every backend: no rows for one item, all it can when k > n
         assert top_k(one, 5, backend=backend).count() == 0
         assert all(len(rows) == 2 for rows in lists(top_k(three, 10, backend=backend,
-                                                           mllib=MLlibParams(min_cosine=-1.0))).values())
+                                                           mllib=MLlibParams(bucket_length=10.0, min_cosine=-1.0))).values())
 
 
 def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignore[no-untyped-def]
