@@ -46,8 +46,8 @@ Backends (``knn.backend``):
 
 Parameters and what they buy (``lsh``, measured by ``benchmarks/knn.py`` on the 99,830 H&M
 text vectors, k=10, 2 cores; exact took 127 s): the default ``kmeans``, 1 band, buckets of about
-60 (1,664 centroids), 20 probes: recall@10 0.954 in 32 s. 12 probes: 0.938 in 25 s. ``srp`` with
-24 bands of 9 bits: 0.954 in 91 s. Recall rises with ``probes`` and ``bands`` and falls with
+60 (1,664 centroids), 20 probes: recall@10 0.953 in 38 s. 12 probes: 0.938 in 25 s. ``srp`` with
+24 bands of 9 bits: 0.954 in 91 s (the last two before ``idx`` became the rank of article_id, ~6 s). Recall rises with ``probes`` and ``bands`` and falls with
 smaller buckets; the work is about ``bands × probes × n × target_bucket_size`` products.
 
 Incremental updates: :func:`fit_index` fits the hash functions once; :func:`update_top_k`
