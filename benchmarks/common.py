@@ -32,15 +32,8 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, resident_bytes())
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -65,3 +58,15 @@ def cold_and_warm_seconds(df: object) -> tuple[float, float]:
         df.write.format("noop").mode("overwrite").save()  # type: ignore[attr-defined]
         times.append(time.perf_counter() - t0)
     return times[0], times[1]
+
+
+def resident_bytes() -> int:
+    """Resident memory (RSS) of this process and all its children (Spark's JVM, Python workers)."""
+    me = psutil.Process()
+    total = 0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total

@@ -62,12 +62,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psutil
 from pyspark import InheritableThread
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from benchmarks.common import PeakMemory
+from benchmarks.common import PeakMemory, resident_bytes
 from benchmarks.synthetic import synthetic_vectors
 
 BACKENDS = ("exact", "lsh", "mllib")  # run in this order: mllib's default limit needs lsh's time
@@ -191,14 +190,7 @@ def cancel_group(spark: SparkSession, group: str) -> None:
 
 def resident_gib() -> float:
     """Resident memory of this process and its children (as :class:`PeakMemory` sums it), GiB."""
-    me = psutil.Process()
-    total = 0
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**30
+    return resident_bytes() / 2**30
 
 
 def materialise(df: DataFrame, path: Path) -> DataFrame:
