@@ -74,7 +74,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
@@ -486,20 +485,23 @@ def _score(
         found.append((q[r], data[c], v))
 
 
-def merge_top_k(pairs: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Global top-``k`` per ``idx`` from candidate pairs (duplicates from several bands allowed).
+def merge_top_k(idx: np.ndarray, nidx: np.ndarray, score: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Global top-``k`` per query from candidate pairs (duplicates from several groups or bands
+    allowed): the kernel of :func:`merge_pairs`.
+
+    Args:
+        idx, nidx: ``(p,)`` int64 query and neighbour ids; score: ``(p,)`` float32.
 
     Returns:
-        ``idx, nidx, score, segment_scores, rank`` with rank 1..k per idx, score descending
-        then nidx ascending.
+        ``(positions, rank)``: the kept positions, ordered by idx, score descending, then nidx
+        ascending (a duplicate pair counts once, with its best score), and ranks 1..k per idx.
     """
-    if pairs.empty:
-        return pairs.assign(rank=pd.Series([], dtype=np.int32))
-    pairs = pairs.sort_values(["idx", "score", "nidx"], ascending=[True, False, True], kind="stable")
-    pairs = pairs.drop_duplicates(["idx", "nidx"], keep="first")
-    rank = pairs.groupby("idx", sort=False).cumcount().to_numpy() + 1
-    pairs = pairs.assign(rank=rank.astype(np.int32))
-    return pairs[pairs["rank"] <= k]
+    rows = np.arange(len(idx))
+    keep = _rank(rows, rows, score, nidx, idx, k)
+    kept = idx[keep]
+    starts = np.r_[0, np.flatnonzero(np.diff(kept)) + 1]
+    rank = np.arange(len(keep)) - np.repeat(starts, np.diff(np.r_[starts, len(keep)])) + 1
+    return keep, rank.astype(np.int32)
 
 
 # ---------------------------------------------------------------- Arrow helpers
@@ -727,15 +729,11 @@ def merge_pairs(pairs: DataFrame, k: int, segments: Segments = ()) -> DataFrame:
         if not parts:
             return
         table = pa.Table.from_batches(parts).combine_chunks()
-        idx, nidx = table.column("idx").to_numpy(), table.column("nidx").to_numpy()
-        score = table.column("score").to_numpy()
-        keep = _rank(np.arange(len(idx)), np.arange(len(idx)), score, nidx, idx, k)
-        idx_k = idx[keep]
-        starts = np.r_[0, np.flatnonzero(np.diff(idx_k)) + 1]
-        rank = np.arange(len(keep)) - np.repeat(starts, np.diff(np.r_[starts, len(keep)])) + 1
+        keep, rank = merge_top_k(table.column("idx").to_numpy(), table.column("nidx").to_numpy(),
+                                 table.column("score").to_numpy(), k)
         out = table.take(pa.array(keep))
         yield pa.RecordBatch.from_arrays(
-            [*out.combine_chunks().to_batches()[0].columns, pa.array(rank.astype(np.int32))],
+            [*out.combine_chunks().to_batches()[0].columns, pa.array(rank)],
             names=[*table.schema.names, "rank"],
         )
 

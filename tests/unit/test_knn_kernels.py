@@ -130,16 +130,13 @@ def test_spherical_kmeans_is_seeded_and_unit() -> None:
 
 
 def test_merge_top_k_dedupes_candidates_from_bands() -> None:
-    import pandas as pd
-
-    pairs = pd.DataFrame(
-        {"idx": [1, 1, 1, 1, 2], "nidx": [7, 7, 3, 9, 1], "score": np.float32([0.8, 0.8, 0.8, 0.1, 0.5]),
-         "segment_scores": [None] * 5}
-    )
-    merged = merge_top_k(pairs, 2)
-    assert merged[merged.idx == 1].nidx.tolist() == [3, 7]
-    assert merged[merged.idx == 1]["rank"].tolist() == [1, 2]
-    assert merged[merged.idx == 2].nidx.tolist() == [1]
+    idx = np.array([1, 1, 1, 1, 2])
+    nidx = np.array([7, 7, 3, 9, 1])
+    score = np.float32([0.8, 0.8, 0.8, 0.1, 0.5])
+    keep, rank = merge_top_k(idx, nidx, score, 2)
+    assert idx[keep].tolist() == [1, 1, 2]
+    assert nidx[keep].tolist() == [3, 7, 1]  # the duplicate 7 counts once; the tie breaks on the id
+    assert rank.tolist() == [1, 2, 1]
 
 
 def bucket_recall(v: np.ndarray, homes: np.ndarray, probes: np.ndarray, k: int = 10) -> float:
