@@ -28,5 +28,7 @@ setup(
         "pydantic>=2.5",
         "PyYAML>=6.0",
     ],
+    # `recsys evaluate` writes an HTML report with charts and a t-SNE map
+    extras_require={"report": ["matplotlib>=3.7", "scikit-learn>=1.3", "Pillow>=10.0"]},
     entry_points={"console_scripts": ["recsys=recsys.cli:main"]},
 )

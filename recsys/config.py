@@ -134,7 +134,9 @@ class QualityConfig(_Section):
 
 
 class FusionConfig(_Section):
-    weights: dict[str, float] = Field(default_factory=lambda: {"text": 1.0, "image": 0.5, "metadata": 0.5})
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"text": 1.0, "image": 0.5, "metadata": 0.5, "behaviour": 0.5}
+    )
 
     @field_validator("weights")
     @classmethod
@@ -189,6 +191,39 @@ class KNNConfig(_Section):
         return value
 
 
+class BehaviourConfig(_Section):
+    enabled: bool = True
+    min_purchases: int = Field(2, ge=1, le=1_000_000)
+    rank: int = Field(32, ge=2, le=1024)
+    max_iter: int = Field(15, ge=1, le=200)
+    reg_param: float = Field(0.1, ge=0.0)
+    alpha: float = Field(10.0, gt=0.0)
+    seed: int = 42
+
+
+class CustomersConfig(_Section):
+    enabled: bool = True
+    k: int = Field(12, ge=1, le=1000)
+    history_days: int = Field(365, ge=1, le=100_000)
+    half_life_days: float = Field(30.0, gt=0.0)
+    max_seeds: int = Field(20, ge=1, le=10_000)
+    similar_weight: float = Field(1.0, ge=0.0)
+    repurchase_weight: float = Field(1.0, ge=0.0)
+    popular_days: int = Field(7, ge=1, le=100_000)
+    popular_weight: float = Field(0.05, ge=0.0)
+
+
+class EvaluateConfig(_Section):
+    enabled: bool = True
+    validation_days: int = Field(7, ge=1, le=10_000)
+    copurchase_days: int = Field(7, ge=0, le=10_000)
+    leave_one_out: bool = True
+    report_dir: str = "reports"
+    tsne_sample: int = Field(3000, ge=0, le=100_000)
+    strips: int = Field(8, ge=0, le=1000)
+    seed: int = 42
+
+
 class Config(_Section):
     """The whole run configuration. Sections mirror ``conf/base.yaml``."""
 
@@ -201,6 +236,9 @@ class Config(_Section):
     fusion: FusionConfig = FusionConfig()
     knn: KNNConfig = KNNConfig()
     quality: QualityConfig = QualityConfig()
+    behaviour: BehaviourConfig = BehaviourConfig()
+    customers: CustomersConfig = CustomersConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -27,7 +27,7 @@ def test_env_file_then_set_override_last(tmp_path: Path) -> None:
     assert cfg.knn.k == 30
     assert cfg.data.source == "hm"
     # a map merges key by key across layers: the image weight keeps its default
-    assert cfg.fusion.weights == {"text": 2.0, "image": 0.5, "metadata": 1.0}
+    assert cfg.fusion.weights == {"text": 2.0, "image": 0.5, "metadata": 1.0, "behaviour": 0.5}
 
 
 def test_out_of_range_names_file_key_and_range(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_template_with_unknown_field_is_rejected() -> None:
 
 def test_fusion_needs_a_positive_weight_and_known_modality() -> None:
     with pytest.raises(ConfigError, match="at least one modality needs a weight > 0"):
-        load_config("local", ["fusion.weights={text: 0, image: 0, metadata: 0}"])
+        load_config("local", ["fusion.weights={text: 0, image: 0, metadata: 0, behaviour: 0}"])
     with pytest.raises(ConfigError, match="modality 'sound' is not one of"):
         load_config("local", ["fusion.weights={sound: 1}"])
 
