@@ -1,7 +1,8 @@
 """The ``recsys`` command: one subcommand per stage, ``run`` for all, and lookups.
 
     recsys run [--conf local] [--set knn.k=20] [--run-date 2026-11-21]
-    recsys ingest | train | embed | neighbours | recommend   (one stage)
+    recsys ingest | train | behaviour | embed | neighbours | recommend | customers | evaluate   (one stage)
+    recsys export-submission submission.csv           (customer_recommendations as customer_id,prediction)
     recsys similar 0108775015                        (an article and its top-K)
     recsys sql "SELECT * FROM recsys.item_recommendations WHERE article_id = '0108775015' ORDER BY rank"
     recsys metrics [--run-id ID]
@@ -41,12 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description="Batch product recommender on Spark and Delta Lake.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("run", "run every stage: ingest, train, embed, neighbours, recommend"),
+        ("run", "run every stage: ingest, train, behaviour, embed, neighbours, recommend, customers, evaluate"),
         ("ingest", "read the source files into Delta (rejects to quarantine)"),
         ("train", "train the image encoder on the catalogue's images (petastorm → PyTorch)"),
         ("embed", "text, image, metadata and fused embeddings (incremental)"),
         ("neighbours", "top-K neighbours per modality with LSH, recall against exact"),
         ("recommend", "write item_recommendations from the fused neighbours"),
+        ("behaviour", "item vectors from purchases (implicit ALS); skipped without transactions"),
+        ("customers", "write customer_recommendations: top-K per customer with a reason"),
+        ("evaluate", "time split: MAP@12, recall, NDCG, coverage against baselines; per-modality quality; HTML report"),
     ):
         _common(sub.add_parser(name, help=text))
     similar = sub.add_parser("similar", help="print an article and its top-K recommendations")
@@ -59,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--limit", type=int, default=100, help="rows to print")
     metrics = sub.add_parser("metrics", help="print the metrics of a run (default: the latest)")
     _common(metrics)
+    export = sub.add_parser(
+        "export-submission", help="write customer_recommendations as the H&M submission CSV (customer_id,prediction)"
+    )
+    _common(export)
+    export.add_argument("output", help="local CSV file to write")
     return parser
 
 
@@ -163,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "metrics":
             return _metrics(spark, cfg, args.run_id)
+        if args.command == "export-submission":
+            return _export_submission(spark, cfg, args.output)
     except SourceError as err:
         sys.stderr.write(f"input error: {err}\n")
         return 2
@@ -170,6 +181,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.exception("%s failed: %s", args.command, err)
         return 1
     return 2
+
+
+def _export_submission(spark: Any, cfg: Config, output: str) -> int:
+    from recsys.customers import export_submission
+
+    try:
+        written = export_submission(spark, cfg, output)
+    except ValueError as err:
+        sys.stderr.write(f"{err}\n")
+        return 2
+    sys.stdout.write(f"wrote {written} customers to {output}\n")
+    return 0
 
 
 def _metrics(spark: Any, cfg: Config, run_id: str | None) -> int:

@@ -177,7 +177,7 @@ class KNNConfig(_Section):
     backend: Literal["lsh", "exact", "mllib"] = "lsh"
     lsh: LSHConfig = LSHConfig()
     mllib: MLlibConfig = MLlibConfig()
-    modalities: tuple[str, ...] = ("fused", "text", "image", "metadata")
+    modalities: tuple[str, ...] = ("fused", "text", "image", "metadata", "behaviour")
     recall_sample: int = Field(500, ge=0, le=100_000)
     block_size: int = Field(2048, ge=16, le=65_536)
     exact_block_rows: int = Field(25_000, ge=16, le=10_000_000)

@@ -361,25 +361,29 @@ def current_vectors(spark: SparkSession, cfg: Config, model_ids: dict[str, str])
     )
 
 
-def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str]) -> dict[str, Any]:
-    """Fuse each article's modality vectors (see the module docstring) into ``modality='fused'``.
+def fuse_vectors(vectors: DataFrame, weights: dict[str, float]) -> tuple[DataFrame, dict[str, tuple[int, int]]]:
+    """Fuse each article's modality vectors into one (see the module docstring).
+
+    The fused vector is the concatenation, in modality name order, of ``sqrt(w_m) * v_m`` over
+    the modalities the article has, divided by ``sqrt(sum of those w_m)``: the cosine of two
+    fused vectors is the weighted mean of the per-modality cosines when both have every modality.
 
     Args:
-        model_ids: the model per modality to fuse (modalities with weight 0 are left out).
+        vectors: ``(article_id, modality, vector array<float>, dim int)``, L2-normalised, one
+            row per article and modality; modalities not in ``weights`` are ignored.
+        weights: modality to weight; weights <= 0 are left out.
 
     Returns:
-        ``{model_id, articles, dim, segments, seconds}``; ``segments`` gives each modality's
-        ``[start, end)`` slice of the fused vector, from which per-modality cosines are recovered.
+        ``(fused, segments)``: ``fused`` has ``(article_id, vector array<float>, dim int)``, one
+        row per article with at least one weighted modality; ``segments`` gives each modality's
+        ``[start, end)`` slice of the fused vector.
 
     Raises:
-        ValueError: if no modality with a positive weight has vectors.
+        ValueError: no weighted modality has vectors, or a modality has vectors of two lengths.
     """
-    started = time.perf_counter()
-    weights = {m: w for m, w in cfg.fusion.weights.items() if w > 0 and m in model_ids}
-    if not weights:
-        raise ValueError(f"fusion: none of the weighted modalities {sorted(cfg.fusion.weights)} has vectors")
+    weights = {m: w for m, w in weights.items() if w > 0}
     order = sorted(weights)
-    vectors = current_vectors(spark, cfg, {m: model_ids[m] for m in order})
+    vectors = vectors.where(F.col("modality").isin(*order))
     dims_rows = vectors.groupBy("modality").agg(F.min("dim").alias("lo"), F.max("dim").alias("hi")).collect()
     dims = {r["modality"]: int(r["lo"]) for r in dims_rows}
     for r in dims_rows:
@@ -387,15 +391,13 @@ def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str
             raise ValueError(f"fusion: modality {r['modality']} has vectors of dims {r['lo']}..{r['hi']}")
     order = [m for m in order if m in dims]
     if not order:
-        raise ValueError("fusion: no vectors for any weighted modality; run the embed stage first")
+        raise ValueError(f"fusion: no vectors for any weighted modality of {sorted(weights)}; run the embed stage first")
     segments: dict[str, tuple[int, int]] = {}
     start = 0
     for m in order:
         segments[m] = (start, start + dims[m])
         start += dims[m]
     total = start
-    recipe = json.dumps({m: [model_ids[m], weights[m]] for m in order}, sort_keys=True)
-    mid = "fused@" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
     pivot = vectors.groupBy("article_id").pivot("modality", list[object](order)).agg(F.first("vector"))  # type: ignore[arg-type]
     schema = StructType(
         [StructField("article_id", StringType()), StructField("vector", ArrayType(FloatType(), False)),
@@ -416,7 +418,33 @@ def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str
             out /= np.sqrt(np.maximum(mass, 1e-12))[:, None]
             yield pd.DataFrame({"article_id": batch["article_id"], "vector": list(out), "dim": total})
 
-    fused = pivot.mapInPandas(combine, schema).select(  # type: ignore[arg-type]
+    return pivot.mapInPandas(combine, schema), segments  # type: ignore[arg-type]
+
+
+def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str]) -> dict[str, Any]:
+    """Fuse each article's modality vectors (:func:`fuse_vectors`) into ``modality='fused'``.
+
+    Args:
+        model_ids: the model per modality to fuse (modalities with weight 0 are left out).
+
+    Returns:
+        ``{model_id, articles, dim, segments, seconds}``; ``segments`` gives each modality's
+        ``[start, end)`` slice of the fused vector, from which per-modality cosines are recovered.
+
+    Raises:
+        ValueError: if no modality with a positive weight has vectors.
+    """
+    started = time.perf_counter()
+    weights = {m: w for m, w in cfg.fusion.weights.items() if w > 0 and m in model_ids}
+    if not weights:
+        raise ValueError(f"fusion: none of the weighted modalities {sorted(cfg.fusion.weights)} has vectors")
+    vectors = current_vectors(spark, cfg, {m: model_ids[m] for m in weights})
+    fused, segments = fuse_vectors(vectors, weights)
+    order = list(segments)
+    total = max(end for _, end in segments.values())
+    recipe = json.dumps({m: [model_ids[m], weights[m]] for m in order}, sort_keys=True)
+    mid = "fused@" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    rows = fused.select(
         "article_id",
         F.lit("fused").alias("modality"),
         F.lit(mid).alias("model_id"),
@@ -425,7 +453,7 @@ def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str
         F.lit(mid).alias("content_hash"),
         F.lit(run_id).alias("run_id"),
     )
-    tables.replace(spark, cfg.data.database, tables.ITEM_EMBEDDINGS, fused, "modality = 'fused'")
+    tables.replace(spark, cfg.data.database, tables.ITEM_EMBEDDINGS, rows, "modality = 'fused'")
     n = tables.read(spark, cfg.data.database, tables.ITEM_EMBEDDINGS).where("modality = 'fused'").count()
     seconds = time.perf_counter() - started
     logger.info("fuse %s: %d articles, dim %d, %.1f s", "+".join(order), n, total, seconds)

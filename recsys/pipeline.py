@@ -1,5 +1,6 @@
-"""The stages in order: ingest → train (image encoder) → embed (text, image, metadata, fuse) →
-neighbours → recommend.
+"""The stages in order: ingest → train (image encoder) → behaviour (ALS item vectors) → embed
+(text, image, metadata, fuse) → neighbours → recommend → customers → evaluate (time split,
+metrics, HTML report). Behaviour, customers and evaluate skip, saying so, without transactions.
 
 Each stage is idempotent (MERGE on keys, or one-commit replacement of what it owns), so a
 rerun on the same inputs leaves the same tables. The run's report (counts and seconds per
@@ -20,15 +21,20 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, StringType, StructField, StructType
 
 from recsys import tables
+from recsys.behaviour import embed_behaviour
 from recsys.config import Config
+from recsys.customers import recommend_customers
 from recsys.embed import embed_image, embed_metadata, embed_text, fuse
+from recsys.evaluate import evaluate
 from recsys.ingest import ingest
 from recsys.recommend import current_model_ids, neighbours, recommend
 from recsys.training import resolve_image_weights, train
 
 logger = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("ingest", "train", "embed", "neighbours", "recommend")
+STAGES: tuple[str, ...] = (
+    "ingest", "train", "behaviour", "embed", "neighbours", "recommend", "customers", "evaluate",
+)
 
 
 def default_run_id(run_date: dt.date | None = None) -> str:
@@ -61,7 +67,7 @@ def embed(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         report["metadata"] = embed_metadata(spark, cfg, run_id)
         model_ids["metadata"] = report["metadata"]["model_id"]
     for modality, mid in current_model_ids(spark, cfg).items():
-        if modality not in ("fused", "text", "image", "metadata"):
+        if modality == "behaviour" and cfg.behaviour.enabled:
             model_ids.setdefault(modality, mid)
     report["fused"] = fuse(spark, cfg, run_id, model_ids)
     return report
@@ -70,25 +76,30 @@ def embed(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
 STAGE_FUNCTIONS: dict[str, Callable[[SparkSession, Config, str], dict[str, Any]]] = {
     "ingest": ingest,
     "train": train,
+    "behaviour": embed_behaviour,
     "embed": embed,
     "neighbours": neighbours,
     "recommend": recommend,
+    "customers": recommend_customers,
+    "evaluate": evaluate,
 }
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
+def flatten_report(prefix: str, value: Any, out: dict[str, float]) -> None:
+    """Every number in a (nested) stage report into ``out`` as ``prefix.key.subkey: value``;
+    lists of ``{source: ...}`` entries are keyed by the source's file name."""
     if isinstance(value, bool):
         out[prefix] = float(value)
     elif isinstance(value, (int, float)):
         out[prefix] = float(value)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _flatten(f"{prefix}.{key}", item, out)
+            flatten_report(f"{prefix}.{key}", item, out)
     elif isinstance(value, list):
         for item in value:
             if isinstance(item, dict) and "source" in item:
                 name = str(item["source"]).rstrip("/").rsplit("/", 1)[-1]
-                _flatten(f"{prefix}.{name}", {k: v for k, v in item.items() if k != "source"}, out)
+                flatten_report(f"{prefix}.{name}", {k: v for k, v in item.items() if k != "source"}, out)
 
 
 def record_run(
@@ -105,7 +116,7 @@ def record_run(
     tables.merge(spark, db, tables.RUNS, run)
     figures: dict[str, float] = {}
     for stage, value in report.items():
-        _flatten(stage, value, figures)
+        flatten_report(stage, value, figures)
     if figures:
         schema = StructType(
             [StructField("name", StringType()), StructField("value", DoubleType()), StructField("stage", StringType())]

@@ -37,6 +37,8 @@ def current_model_ids(spark: SparkSession, cfg: Config) -> dict[str, str]:
         .collect()
     )
     for row in rows:
+        if row["modality"] == "behaviour" and not cfg.behaviour.enabled:
+            continue
         ids[row["modality"]] = row["model_id"]
     if cfg.text.enabled:
         ids["text"] = text_model_id(resolve_model_path(cfg.text.model), cfg.text.max_length)

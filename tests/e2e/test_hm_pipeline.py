@@ -19,6 +19,7 @@ pytestmark = pytest.mark.e2e
 N_ARTICLES = 2500
 K = 12
 DB = "e2e_hm"
+REPORTS = Path(__file__).resolve().parent.parent.parent / "build" / "e2e-reports"
 
 
 def write_slice(source: Path, target: Path, n: int) -> set[str]:
@@ -50,7 +51,7 @@ def write_slice(source: Path, target: Path, n: int) -> set[str]:
 def hm_run(spark, warehouse: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     source = hm_data()
     root = tmp_path_factory.mktemp("hm-slice") / "hm"
-    ids = write_slice(source, root, N_ARTICLES)
+    ids = write_slice(source.resolve(), root, N_ARTICLES)
     code = refresh.main(
         [
             "--conf", "hm",
@@ -59,6 +60,7 @@ def hm_run(spark, warehouse: Path, tmp_path_factory: pytest.TempPathFactory):  #
             "--set", f"spark.warehouse_dir={warehouse}",
             "--set", f"knn.k={K}",
             "--set", "knn.recall_sample=200",
+            "--set", f"evaluate.report_dir={REPORTS}",
             "--run-id", "e2e",
         ]
     )
@@ -84,7 +86,8 @@ def test_every_article_gets_k_recommendations_in_order(spark, hm_run: set[str]) 
         for (_, s1, id1), (_, s2, id2) in zip(lst, lst[1:]):
             assert s1 > s2 or (s1 == s2 and id1 < id2)
     scored = {m for r in recs.select("modality_scores").collect() for m in r["modality_scores"]}
-    assert scored == {"text", "image", "metadata"}  # image scores where both articles have an image
+    # image and behaviour scores where both articles have an image or enough purchases
+    assert scored == {"text", "image", "metadata", "behaviour"}
 
 
 def test_images_are_trained_on_embedded_and_searched(spark, hm_run: set[str], capsys) -> None:  # type: ignore[no-untyped-def]
@@ -136,3 +139,34 @@ def test_sql_and_similar_answer_from_the_catalog(spark, hm_run: set[str], capsys
     assert main(["similar", article, "--conf", "hm", "--set", f"data.database={DB}"]) == 0
     out = capsys.readouterr().out
     assert rows[0]["recommended_id"] in out and article in out
+
+
+def test_every_customer_gets_twelve_and_the_submission_has_them(spark, hm_run: set[str], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from recsys.cli import main
+
+    customers = {r["customer_id"] for r in spark.table(f"{DB}.customers").collect()}
+    recs = spark.table(f"{DB}.customer_recommendations")
+    per_customer = dict(recs.groupBy("customer_id").count().collect())
+    assert set(per_customer) == customers and set(per_customer.values()) == {12}
+    reasons = {r["reason"].split(":")[0] for r in recs.select("reason").distinct().collect()}
+    assert reasons <= {"similar_to", "repurchase", "popular"} and "similar_to" in reasons
+    seeds = recs.where(F.col("reason").startswith("similar_to:")).select(F.substring("reason", 12, 10).alias("a"))
+    assert seeds.join(spark.table(f"{DB}.articles"), F.col("a") == F.col("article_id"), "left_anti").count() == 0
+    out = tmp_path / "submission.csv"
+    assert main(["export-submission", str(out), "--conf", "hm", "--set", f"data.database={DB}"]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "customer_id,prediction" and len(lines) == len(customers) + 1
+    first_id, prediction = lines[1].split(",")
+    ranked = [r["article_id"] for r in recs.where(F.col("customer_id") == first_id).orderBy("rank").collect()]
+    assert prediction.split(" ") == ranked
+
+
+def test_evaluate_records_metrics_and_writes_the_report(spark, hm_run: set[str]) -> None:  # type: ignore[no-untyped-def]
+    metrics = dict(spark.table(f"{DB}.metrics").where("run_id = 'e2e'").select("name", "value").collect())
+    for system in ("recsys", "popular", "bought_together", "fused_without_text", "behaviour"):
+        assert 0.0 <= metrics[f"evaluate.ranking.{system}.map_at_k"] <= 1.0
+    assert metrics["evaluate.ranking.recsys.customers"] == metrics["evaluate.split.validation_customers"] > 0
+    for variant in ("fused", "text", "image", "metadata", "behaviour"):
+        assert 0.0 <= metrics[f"evaluate.items.{variant}.category_precision_at_k"] <= 1.0
+    html = (REPORTS / "e2e" / "index.html").read_text(encoding="utf-8")
+    assert "MAP@12" in html and "data:image/png;base64," in html and "data:image/jpeg;base64," in html

@@ -1,0 +1,16 @@
+"""spark-submit entry point: the evaluate stage. `spark-submit ... jobs/evaluate.py --conf conf/cluster.yaml`."""
+
+from __future__ import annotations
+
+import sys
+
+from recsys.cli import main as recsys_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluate stage with ``--conf``, ``--set``, ``--run-date`` from ``argv``; return the exit code."""
+    return recsys_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

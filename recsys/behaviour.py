@@ -1,0 +1,163 @@
+"""Behaviour modality: item vectors learned from purchases (Spark ML implicit ALS item factors).
+
+Implicit-feedback ALS (Hu, Koren & Volinsky 2008, "Collaborative Filtering for Implicit Feedback
+Datasets"; Spark's ``pyspark.ml.recommendation.ALS`` with ``implicitPrefs=True``) factorises the
+customer × article purchase-count matrix with confidence ``1 + alpha × purchases``. Each article's
+item factor, L2-normalised, is its behaviour vector: articles bought by the same customers point the
+same way. Only articles bought at least ``behaviour.min_purchases`` times get one; the rest rely on
+their content modalities (cold start), and fusion re-normalises over what an article has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+from pyspark.ml.recommendation import ALS
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import LongType, StringType, StructField, StructType
+
+from recsys import tables
+from recsys.config import BehaviourConfig, Config
+
+logger = logging.getLogger(__name__)
+
+
+def _dense_ids(df: DataFrame, column: str, id_column: str) -> DataFrame:
+    """``(column, id_column int)``: 0..n-1 in ``column`` order (zipWithIndex: distributed, deterministic)."""
+    distinct = df.select(column).distinct().orderBy(column)
+    schema = StructType([StructField(column, StringType(), False), StructField(id_column, LongType(), False)])
+    indexed = distinct.rdd.zipWithIndex().map(lambda pair: (pair[0][0], pair[1]))
+    return df.sparkSession.createDataFrame(indexed, schema).withColumn(id_column, F.col(id_column).cast("int"))
+
+
+def als_item_vectors(transactions: DataFrame, params: BehaviourConfig) -> DataFrame:
+    """Behaviour vectors from purchases.
+
+    Args:
+        transactions: ``(customer_id string, article_id string, ...)``, one row per unit bought.
+        params: ALS rank, iterations, regularisation, alpha, seed and ``min_purchases``.
+
+    Returns:
+        ``(article_id string, vector array<float> of length rank, L2-normalised, dim int,
+        purchases long)`` for articles bought at least ``min_purchases`` times whose factor is
+        not zero, persisted (the caller unpersists). Empty when ``transactions`` is.
+
+    Source: Hu, Koren & Volinsky 2008 (implicit ALS); Spark ML ``ALS``.
+    """
+    counts = (
+        transactions.groupBy("customer_id", "article_id")
+        .agg(F.count(F.lit(1)).cast("float").alias("purchases"))
+        .persist()
+    )
+    users = _dense_ids(counts, "customer_id", "user")
+    items = _dense_ids(counts, "article_id", "item")
+    blocks = min(10, transactions.sparkSession.sparkContext.defaultParallelism)
+    ratings = counts.join(users, "customer_id").join(items, "article_id").select("user", "item", "purchases").persist()
+    als = ALS(
+        rank=params.rank, maxIter=params.max_iter, regParam=params.reg_param, alpha=params.alpha,
+        implicitPrefs=True, userCol="user", itemCol="item", ratingCol="purchases", seed=params.seed,
+        coldStartStrategy="drop", nonnegative=False,
+        # one block per core: ALS's default of 10 blocks is mostly task overhead on small data
+        numUserBlocks=max(1, blocks), numItemBlocks=max(1, blocks),
+    )
+    model = als.fit(ratings)
+    totals = counts.groupBy("article_id").agg(F.sum("purchases").cast("long").alias("purchases"))
+    norm = F.sqrt(F.aggregate("features", F.lit(0.0).cast("double"), lambda acc, x: acc + x * x))
+    vectors = (
+        model.itemFactors.withColumnRenamed("id", "item")
+        .join(items, "item")
+        .join(totals, "article_id")
+        .where(F.col("purchases") >= params.min_purchases)
+        .withColumn("norm", norm)
+        .where(F.col("norm") > 0)
+        .select(
+            "article_id",
+            # coalesce: division is nullable, the table's vector elements are not (never taken: norm > 0)
+            F.transform("features", lambda x: F.coalesce((x / F.col("norm")).cast("float"), F.lit(0.0).cast("float")))
+            .alias("vector"),
+            F.size("features").alias("dim"),
+            "purchases",
+        )
+    )
+    vectors = vectors.persist()
+    vectors.count()
+    ratings.unpersist()
+    counts.unpersist()
+    return vectors
+
+
+def behaviour_model_id(params: BehaviourConfig, transactions: int, last_date: Any) -> str:
+    """``als@<12 hex>`` of the ALS settings and the purchases it was trained on (count, last date)."""
+    recipe = json.dumps({**params.model_dump(), "transactions": transactions, "last_date": str(last_date)}, sort_keys=True)
+    return "als@" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+def embed_behaviour(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
+    """Behaviour stage: ALS item vectors from ``transactions`` into ``item_embeddings``.
+
+    Replaces every ``modality = 'behaviour'`` row in one commit. Skips (and says so) when the
+    stage is off or there are no transactions (e.g. the Fashion Product sample).
+
+    Returns:
+        ``{skipped}`` or ``{model_id, transactions, customers, articles_bought, articles, dim,
+        below_min_purchases, seconds}``: ``articles`` got a vector; ``below_min_purchases``
+        were bought but too rarely (they rely on content).
+    """
+    if not cfg.behaviour.enabled:
+        logger.info("behaviour: off (behaviour.enabled: false), skipped")
+        return {"skipped": "behaviour.enabled is false"}
+    db = cfg.data.database
+    started = time.perf_counter()
+    # one scan of the date-partitioned table (hundreds of small files) for the counts and ALS
+    transactions = (
+        tables.read(spark, db, tables.TRANSACTIONS)
+        .select("t_dat", "customer_id", "article_id")
+        .join(tables.read(spark, db, tables.ARTICLES).select("article_id"), "article_id", "left_semi")
+        .persist()
+    )
+    stats = tables.first_row(
+        transactions.agg(
+            F.count(F.lit(1)).alias("n"), F.countDistinct("customer_id").alias("customers"),
+            F.countDistinct("article_id").alias("articles"), F.max("t_dat").alias("last"),
+        )
+    )
+    if stats["n"] == 0:
+        logger.info("behaviour: no transactions, skipped (articles rely on their content modalities)")
+        return {"skipped": "no transactions"}
+    mid = behaviour_model_id(cfg.behaviour, int(stats["n"]), stats["last"])
+    vectors = als_item_vectors(transactions, cfg.behaviour)
+    rows = vectors.select(
+        "article_id",
+        F.lit("behaviour").alias("modality"),
+        F.lit(mid).alias("model_id"),
+        "vector",
+        "dim",
+        F.lit(mid).alias("content_hash"),
+        F.lit(run_id).alias("run_id"),
+    )
+    tables.replace(spark, db, tables.ITEM_EMBEDDINGS, rows, "modality = 'behaviour'")
+    vectors.unpersist()
+    transactions.unpersist()
+    n = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where("modality = 'behaviour'").count()
+    seconds = time.perf_counter() - started
+    report = {
+        "model_id": mid,
+        "transactions": int(stats["n"]),
+        "customers": int(stats["customers"]),
+        "articles_bought": int(stats["articles"]),
+        "articles": n,
+        "below_min_purchases": int(stats["articles"]) - n,
+        "dim": cfg.behaviour.rank,
+        "seconds": round(seconds, 2),
+    }
+    logger.info(
+        "behaviour: ALS on %d purchases by %d customers; %d of %d bought articles have a vector "
+        "(the rest were bought < %d times), %.1f s",
+        report["transactions"], report["customers"], n, report["articles_bought"], cfg.behaviour.min_purchases, seconds,
+    )
+    return report

@@ -1,0 +1,382 @@
+"""Evaluate stage: a time split of ``transactions``, customer metrics against baselines, item-to-item
+quality per modality (with leave-one-out of the fused vector), and the HTML report.
+
+Split: the last ``evaluate.validation_days`` dates of the transactions are the validation week,
+everything before is training. Everything the scored lists depend on (behaviour vectors, fused
+vectors, item-to-item lists, popularity, co-purchase counts, customer lists) is rebuilt from the
+training part only; content vectors (text, image, metadata) do not depend on purchases.
+
+Customer metrics (over the customers who bought something in the validation week; every
+customer in ``customers`` gets a list, and customers without validation purchases are left out
+of the means, as in the competition):
+
+- MAP@K as the H&M competition defines it (Kaggle, "H&M Personalized Fashion Recommendations",
+  Evaluation): ``AP@K = 1/min(m, K) × Σ_{i=1..K} P(i) × rel(i)`` with m the number of distinct
+  articles the customer bought, ``P(i)`` the precision of the first i predictions and ``rel(i)``
+  1 when the i-th prediction was bought (a repeated prediction counts once, at its first rank);
+  MAP@K is the mean of AP@K.
+- recall@K: bought articles among the K predictions / distinct articles bought.
+- NDCG@K with binary relevance (Järvelin & Kekäläinen 2002): ``Σ rel(i)/log2(i+1)`` over the
+  ideal ``Σ_{i=1..min(m,K)} 1/log2(i+1)``.
+- coverage: distinct recommended articles / articles in the catalogue.
+
+Systems: ``recsys`` (fused lists, as served), ``popular`` (last-week popularity for everyone),
+``bought_together`` (co-purchase counts as item lists, no repurchase), ``fused_without_<m>``
+(leave-one-out) and each single modality.
+
+Item-to-item quality per list: category precision@K (share of neighbours with the article's
+product type) and co-purchase hit rate@K: over ordered pairs (a, b) of different articles
+bought by one customer in the validation week at most ``copurchase_days`` apart (b not before
+a), the share where b is in a's list (an article without a list counts as a miss).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from recsys import tables
+from recsys.behaviour import als_item_vectors
+from recsys.config import Config
+from recsys.customers import customer_top_k
+from recsys.embed import current_vectors, fuse_vectors
+from recsys.knn import LSHParams, top_k
+from recsys.knn_mllib import MLlibParams
+from recsys.recommend import current_model_ids
+
+logger = logging.getLogger(__name__)
+
+CONTENT_MODALITIES = ("text", "image", "metadata")
+
+
+def average_precision_at_k(actual: Iterable[str], predicted: Sequence[str], k: int = 12) -> float:
+    """AP@K of one customer, exactly as the H&M competition scores it (module docstring).
+
+    Args:
+        actual: the articles bought in the validation week (duplicates count once).
+        predicted: the ranked predictions; only the first ``k`` count, and a repeated article
+            counts only at its first rank.
+        k: the cut-off.
+
+    Returns:
+        AP@K in [0, 1]; 0.0 when nothing was bought (such customers are left out of MAP@K).
+    """
+    truth = set(actual)
+    if not truth:
+        return 0.0
+    hits, score, seen = 0, 0.0, set()
+    for i, p in enumerate(predicted[:k]):
+        if p in truth and p not in seen:
+            hits += 1
+            score += hits / (i + 1.0)
+        seen.add(p)
+    return score / min(len(truth), k)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A time split: ``train`` before ``first_validation_day``, ``validation`` from it on."""
+
+    train: DataFrame
+    validation: DataFrame
+    first_validation_day: dt.date
+    last_day: dt.date
+
+
+def time_split(transactions: DataFrame, validation_days: int) -> Split:
+    """The last ``validation_days`` dates (``last - validation_days + 1 .. last``) against the rest.
+
+    Args:
+        transactions: ``(t_dat date, customer_id, article_id, ...)``, not empty.
+
+    Raises:
+        ValueError: ``transactions`` is empty.
+    """
+    last = transactions.agg(F.max("t_dat")).first()
+    if last is None or last[0] is None:
+        raise ValueError("evaluate: no transactions to split")
+    last_day: dt.date = last[0]
+    first = last_day - dt.timedelta(days=validation_days - 1)
+    cut = F.lit(first.isoformat()).cast("date")
+    return Split(transactions.where(F.col("t_dat") < cut), transactions.where(F.col("t_dat") >= cut), first, last_day)
+
+
+def ranking_metrics(predictions: DataFrame, actual: DataFrame, k: int, catalogue_size: int) -> dict[str, float]:
+    """MAP@K, recall@K, NDCG@K and coverage of customer lists (definitions: module docstring).
+
+    Args:
+        predictions: ``(customer_id, rank int >= 1, article_id)``; ranks above ``k`` are ignored.
+        actual: ``(customer_id, article_id)``: validation purchases (duplicates count once).
+        k: the cut-off.
+        catalogue_size: articles in the catalogue (coverage's denominator).
+
+    Returns:
+        ``{map_at_k, recall_at_k, ndcg_at_k, coverage, customers}``; ``customers`` is the number
+        with a validation purchase (the means' denominator). Metrics are 0 when it is 0.
+    """
+    truth = actual.select("customer_id", "article_id").distinct()
+    sizes = truth.groupBy("customer_id").agg(F.count(F.lit(1)).alias("m"))
+    first = (
+        predictions.where(F.col("rank") <= k)
+        .groupBy("customer_id", "article_id")
+        .agg(F.min("rank").alias("rank"))
+    )
+    hits = first.join(truth, ["customer_id", "article_id"])
+    cumulative = Window.partitionBy("customer_id").orderBy("rank").rowsBetween(Window.unboundedPreceding, 0)
+    per_hit = hits.withColumn("hits_so_far", F.count(F.lit(1)).over(cumulative)).select(
+        "customer_id",
+        (F.col("hits_so_far") / F.col("rank")).alias("precision"),
+        (F.lit(1.0) / F.log2(F.col("rank") + 1.0)).alias("gain"),
+    )
+    per_customer = (
+        sizes.join(
+            per_hit.groupBy("customer_id").agg(
+                F.sum("precision").alias("p"), F.sum("gain").alias("dcg"), F.count(F.lit(1)).alias("h")
+            ),
+            "customer_id",
+            "left",
+        )
+        .fillna(0.0, ["p", "dcg"])
+        .fillna(0, ["h"])
+    )
+    idcg = F.aggregate(
+        F.sequence(F.lit(1), F.least(F.col("m"), F.lit(k))), F.lit(0.0),
+        lambda acc, i: acc + F.lit(1.0) / F.log2(i + 1.0),
+    )
+    row = tables.first_row(
+        per_customer.agg(
+            F.avg(F.col("p") / F.least(F.col("m"), F.lit(k))).alias("map"),
+            F.avg(F.col("h") / F.col("m")).alias("recall"),
+            F.avg(F.col("dcg") / idcg).alias("ndcg"),
+            F.count(F.lit(1)).alias("customers"),
+        )
+    )
+    recommended = predictions.where(F.col("rank") <= k).select("article_id").distinct().count()
+    return {
+        "map_at_k": float(row["map"] or 0.0),
+        "recall_at_k": float(row["recall"] or 0.0),
+        "ndcg_at_k": float(row["ndcg"] or 0.0),
+        "coverage": recommended / catalogue_size if catalogue_size else 0.0,
+        "customers": int(row["customers"]),
+    }
+
+
+def copurchase_pairs(transactions: DataFrame, days: int) -> DataFrame:
+    """Ordered pairs ``(article_id, neighbour_id)`` of different articles one customer bought at
+    most ``days`` apart, the second not before the first; one row per customer and pair."""
+    a = transactions.select("customer_id", F.col("article_id"), F.col("t_dat").alias("t_a"))
+    b = transactions.select("customer_id", F.col("article_id").alias("neighbour_id"), F.col("t_dat").alias("t_b"))
+    return (
+        a.join(b, "customer_id")
+        .where(F.col("article_id") != F.col("neighbour_id"))
+        .where((F.col("t_b") >= F.col("t_a")) & (F.datediff("t_b", "t_a") <= days))
+        .select("customer_id", "article_id", "neighbour_id")
+        .distinct()
+    )
+
+
+def item_metrics(lists: DataFrame, pairs: DataFrame, categories: DataFrame, k: int) -> dict[str, float]:
+    """Category precision@K and co-purchase hit rate@K of item-to-item lists.
+
+    Args:
+        lists: ``(article_id, rank, neighbour_id)``.
+        pairs: :func:`copurchase_pairs` (customer_id, article_id, neighbour_id).
+        categories: ``(article_id, category)``: the product type.
+        k: ranks above it are ignored.
+
+    Returns:
+        ``{category_precision_at_k, copurchase_hit_rate_at_k, articles}`` (NaN without pairs or lists).
+    """
+    top = lists.where(F.col("rank") <= k).select("article_id", "neighbour_id")
+    cats = categories.select("article_id", F.col("category").alias("c"))
+    precision = tables.first_row(
+        top.join(cats, "article_id")
+        .join(cats.select(F.col("article_id").alias("neighbour_id"), F.col("c").alias("nc")), "neighbour_id")
+        .agg(F.avg((F.col("c") == F.col("nc")).cast("double")).alias("p"), F.countDistinct("article_id").alias("n"))
+    )
+    hit = tables.first_row(
+        pairs.join(top.withColumn("hit", F.lit(1.0)), ["article_id", "neighbour_id"], "left")
+        .agg(F.avg(F.coalesce(F.col("hit"), F.lit(0.0))).alias("rate"))
+    )
+    return {
+        "category_precision_at_k": float(precision["p"]) if precision["p"] is not None else math.nan,
+        "copurchase_hit_rate_at_k": float(hit["rate"]) if hit["rate"] is not None else math.nan,
+        "articles": int(precision["n"] or 0),
+    }
+
+
+def bought_together_lists(transactions: DataFrame, days: int, k: int) -> DataFrame:
+    """The "bought together" baseline's item lists: for each article, the ``k`` articles most
+    often bought by the same customer at most ``days`` apart (either order).
+
+    Returns:
+        ``(article_id, rank, neighbour_id, score)``: ``score`` = customers who bought both,
+        ties broken by neighbour_id.
+    """
+    a = transactions.select("customer_id", "article_id", F.col("t_dat").alias("t_a"))
+    b = transactions.select("customer_id", F.col("article_id").alias("neighbour_id"), F.col("t_dat").alias("t_b"))
+    counts = (
+        a.join(b, "customer_id")
+        .where((F.col("article_id") != F.col("neighbour_id")) & (F.abs(F.datediff("t_b", "t_a")) <= days))
+        .groupBy("article_id", "neighbour_id")
+        .agg(F.countDistinct("customer_id").cast("float").alias("score"))
+    )
+    order = Window.partitionBy("article_id").orderBy(F.col("score").desc(), "neighbour_id")
+    return counts.withColumn("rank", F.row_number().over(order)).where(F.col("rank") <= k)
+
+
+def evaluate_split(
+    spark: SparkSession, cfg: Config, transactions: DataFrame, customers: DataFrame, articles: DataFrame,
+) -> tuple[dict[str, Any], dict[str, DataFrame]]:
+    """Score recsys, the baselines and every modality variant on a time split.
+
+    Args:
+        transactions: ``(t_dat, customer_id, article_id)``: all purchases.
+        customers: ``(customer_id)``: who gets a list.
+        articles: ``(article_id, category_l3)``: the catalogue.
+
+    Returns:
+        ``(report, predictions)``: ``report`` holds ``k``, ``split`` counts, ``ranking`` (per
+        system: :func:`ranking_metrics`) and ``items`` (per list: :func:`item_metrics`);
+        ``predictions`` maps each system to its customer lists (persisted; the caller unpersists).
+
+    Raises:
+        ValueError: no transactions, or no training or no validation purchases.
+    """
+    k = cfg.customers.k
+    split = time_split(transactions, cfg.evaluate.validation_days)
+    train = split.train.persist()
+    validation = split.validation.persist()
+    n_train, n_valid = train.count(), validation.count()
+    if n_train == 0 or n_valid == 0:
+        raise ValueError(
+            f"evaluate: the split at {split.first_validation_day} leaves {n_train} training and {n_valid} "
+            "validation purchases; both need some"
+        )
+    as_of = split.first_validation_day
+    catalogue = articles.select("article_id").distinct().persist()
+    n_articles = catalogue.count()
+    categories = articles.select("article_id", F.col("category_l3").alias("category"))
+    pairs = copurchase_pairs(validation, cfg.evaluate.copurchase_days).persist()
+    report: dict[str, Any] = {
+        "k": k,
+        "split": {
+            "train_transactions": n_train,
+            "validation_transactions": n_valid,
+            "validation_customers": validation.select("customer_id").distinct().count(),
+            "validation_articles": validation.select("article_id").distinct().count(),
+            "customers": customers.select("customer_id").distinct().count(),
+            "copurchase_pairs": pairs.count(),
+            "first_validation_day": as_of.toordinal() - dt.date(1970, 1, 1).toordinal(),
+        },
+        "ranking": {},
+        "items": {},
+    }
+    logger.info(
+        "evaluate: training %d purchases before %s, validation %d purchases by %d customers to %s; %d co-purchase pairs",
+        n_train, as_of, n_valid, report["split"]["validation_customers"], split.last_day,
+        report["split"]["copurchase_pairs"],
+    )
+    predictions: dict[str, DataFrame] = {}
+
+    def score_customers(name: str, lists: DataFrame, params: Any) -> None:
+        started = time.perf_counter()
+        recs = customer_top_k(train, lists, customers, catalogue, params, as_of=as_of).persist()
+        predictions[name] = recs
+        figures = ranking_metrics(recs, validation, k, n_articles)
+        figures["seconds"] = round(time.perf_counter() - started, 2)
+        report["ranking"][name] = figures
+        logger.info("evaluate %s: MAP@%d %.4f, recall@%d %.4f, NDCG@%d %.4f, coverage %.4f", name, k,
+                    figures["map_at_k"], k, figures["recall_at_k"], k, figures["ndcg_at_k"], figures["coverage"])
+
+    # baselines
+    empty = spark.createDataFrame([], "article_id string, neighbour_id string, score float")
+    score_customers("popular", empty, cfg.customers.model_copy(update={"similar_weight": 0.0, "repurchase_weight": 0.0}))
+    together = bought_together_lists(train, cfg.evaluate.copurchase_days, k).persist()
+    report["items"]["bought_together"] = item_metrics(together, pairs, categories, k)
+    score_customers("bought_together", together, cfg.customers.model_copy(update={"repurchase_weight": 0.0}))
+
+    # vectors per modality: content from item_embeddings, behaviour from the training purchases
+    model_ids = current_model_ids(spark, cfg)
+    content = {m: model_ids[m] for m in CONTENT_MODALITIES if m in model_ids}
+    vectors = current_vectors(spark, cfg, content).join(catalogue, "article_id", "left_semi")
+    if cfg.behaviour.enabled:
+        behaviour = als_item_vectors(train, cfg.behaviour).select(
+            "article_id", F.lit("behaviour").alias("modality"), "vector", "dim"
+        )
+        vectors = vectors.unionByName(behaviour)
+    vectors = vectors.persist()
+    present = sorted(r["modality"] for r in vectors.select("modality").distinct().collect())
+    weights = {m: w for m, w in cfg.fusion.weights.items() if w > 0 and m in present}
+    variants: dict[str, dict[str, float]] = {}
+    if weights:
+        variants["fused"] = weights
+        if cfg.evaluate.leave_one_out and len(weights) > 1:
+            for m in sorted(weights):
+                variants[f"fused_without_{m}"] = {x: w for x, w in weights.items() if x != m}
+    for m in present:
+        variants.setdefault(m, {m: 1.0})
+    lsh = LSHParams(**cfg.knn.lsh.model_dump())
+    mllib = MLlibParams(**cfg.knn.mllib.model_dump())
+    for name, mix in variants.items():
+        started = time.perf_counter()
+        if len(mix) == 1 and name in present:
+            space = vectors.where(F.col("modality") == name).select("article_id", "vector")
+        else:
+            space = fuse_vectors(vectors, mix)[0].select("article_id", "vector")
+        space = space.persist()
+        lists = top_k(space, k, cfg.knn.backend, lsh, (), cfg.knn.block_size, cfg.knn.exact_block_rows, mllib)
+        lists = lists.select("article_id", "rank", "neighbour_id", "score").persist()
+        report["items"][name] = item_metrics(lists, pairs, categories, k)
+        report["items"][name]["seconds"] = round(time.perf_counter() - started, 2)
+        logger.info("evaluate %s lists: category precision@%d %.4f, co-purchase hit rate@%d %.4f (%d articles)", name,
+                    k, report["items"][name]["category_precision_at_k"], k,
+                    report["items"][name]["copurchase_hit_rate_at_k"], report["items"][name]["articles"])
+        score_customers("recsys" if name == "fused" else name, lists, cfg.customers)
+        lists.unpersist()
+        space.unpersist()
+    for df in (train, validation, pairs, together, vectors, catalogue):
+        df.unpersist()
+    return report, predictions
+
+
+def evaluate(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
+    """Evaluate stage: :func:`evaluate_split` on ``transactions``, then the HTML report.
+
+    Skips (and says so) when the stage is off or there are no transactions.
+
+    Returns:
+        The report of :func:`evaluate_split` plus ``report_path`` and ``seconds``; or ``{skipped}``.
+    """
+    if not cfg.evaluate.enabled:
+        logger.info("evaluate: off (evaluate.enabled: false), skipped")
+        return {"skipped": "evaluate.enabled is false"}
+    db = cfg.data.database
+    transactions = tables.read(spark, db, tables.TRANSACTIONS).select("t_dat", "customer_id", "article_id")
+    if transactions.limit(1).count() == 0:
+        logger.info("evaluate: no transactions, skipped (nothing to split into training and validation)")
+        return {"skipped": "no transactions"}
+    started = time.perf_counter()
+    customers = tables.read(spark, db, tables.CUSTOMERS).select("customer_id")
+    articles = tables.read(spark, db, tables.ARTICLES).select("article_id", "category_l3")
+    report, predictions = evaluate_split(spark, cfg, transactions, customers, articles)
+    for df in predictions.values():
+        df.unpersist()
+    from recsys.pipeline import flatten_report
+    from recsys.report import write_report
+
+    figures: dict[str, float] = {}
+    flatten_report("evaluate", report, figures)
+    path = write_report(spark, cfg, run_id, figures)
+    report["report_path"] = str(path)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    logger.info("evaluate: report %s (%.1f s)", path, report["seconds"])
+    return report
