@@ -258,7 +258,8 @@ def _where(spark: Any, cfg: Config) -> None:
         f"Recommendation tables are in the catalog database '{db}'"
         + ("" if under_spark_submit() else f" (warehouse {warehouse_path(cfg)})") + ":",
         f"  {db}.item_recommendations  {location}",
-        f"  {db}.item_neighbours, {db}.item_embeddings, {db}.articles, {db}.quarantine, {db}.runs, {db}.metrics",
+        f"  {db}.customer_recommendations (when there are transactions), {db}.item_neighbours, {db}.item_embeddings,",
+        f"  {db}.articles, {db}.quarantine, {db}.runs, {db}.metrics",
         "Query them:",
         f"  .venv/bin/recsys similar {article}{conf}",
         f"  .venv/bin/recsys sql \"SELECT * FROM {db}.item_recommendations WHERE article_id = '{article}' ORDER BY rank\"{conf}",
