@@ -35,10 +35,13 @@ from recsys.encoders.image import model_id as image_model_id
 from recsys.encoders.text import model_id as text_model_id
 from recsys.encoders.text import resolve_model_path
 from recsys.inference import ImageEmbedderSpec, TextEmbedderSpec, make_image_embedder, make_text_embedder
+from recsys.session import sql_conf
 from recsys.sources.images import image_files
 from recsys.sources.schema import TEMPLATE_FIELDS, render_text
 
 logger = logging.getLogger(__name__)
+
+ARROW_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 
 def torch_threads(spark: SparkSession, configured: int) -> int:
@@ -94,7 +97,6 @@ def embed_text(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     )
     started = time.perf_counter()
     if n_todo:
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.text.arrow_batch_size))
         # a multiple of the task slots, so no round of tasks leaves cores idle; about 5,000
         # texts per task keeps the tail short
         slots = spark.sparkContext.defaultParallelism
@@ -113,7 +115,8 @@ def embed_text(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
             )
             .withColumn("dim", F.size("vector"))
         )
-        tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors)
+        with sql_conf(spark, {ARROW_BATCH: str(cfg.text.arrow_batch_size)}):
+            tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors)
     seconds = time.perf_counter() - started
     todo.unpersist()
     rate = n_todo / seconds if n_todo and seconds > 0 else 0.0
@@ -192,7 +195,6 @@ def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> 
             batch_size=cfg.image.batch_size, torch_threads=torch_threads(spark, cfg.image.torch_threads),
             max_pixels=cfg.image.max_pixels, seed=cfg.image.seed,
         )
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.image.arrow_batch_size))
         slots = spark.sparkContext.defaultParallelism
         partitions = slots * max(1, -(-n_todo // (2_000 * slots)))
         blobs = image_files(spark, todo.select("image_path"), content=True).select("image_path", "content")
@@ -202,7 +204,8 @@ def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> 
             .select("article_id", "image_path", "content_hash", make_image_embedder(spec)("content").alias("r"))
             .persist()
         )
-        results.count()  # the UDF runs once; both writes below read the cached result
+        with sql_conf(spark, {ARROW_BATCH: str(cfg.image.arrow_batch_size)}):
+            results.count()  # the UDF runs once; both writes below read the cached result
         vectors = results.where(F.col("r.error").isNull()).select(
             "article_id",
             F.lit("image").alias("modality"),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -39,8 +41,67 @@ def warehouse_path(cfg: Config) -> Path:
     return Path(cfg.spark.warehouse_dir).expanduser().resolve()
 
 
+@contextmanager
+def sql_conf(spark: SparkSession, settings: Mapping[str, str]) -> Iterator[None]:
+    """Set runtime SQL settings for the ``with`` block, then restore what was there before.
+
+    A stage that tunes the session for one step (e.g. the Arrow batch size of a pandas UDF)
+    does so inside this block, so the caller's session, possibly shared with other work (a
+    notebook, a test run), keeps its settings. A key that was unset is unset again.
+
+    Args:
+        spark: the session.
+        settings: ``spark.sql.*`` (or other runtime) keys and their values for the block.
+    """
+    before = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, old in before.items():
+            if old is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, old)
+
+
+def _reuse_active(settings: Mapping[str, str]) -> SparkSession | None:
+    """The active session, left as it is, or ``None`` when there is none.
+
+    ``SparkSession.builder.getOrCreate`` would apply this configuration's settings to a running
+    session and so retune it for everyone sharing it (a notebook, a test run, another job in
+    the same application). A job started inside such a session uses it as it is and says which
+    of its settings differ.
+
+    Raises:
+        SparkStartError: the active session has no Delta SQL extension, so Delta tables would
+            not work in it.
+    """
+    active = SparkSession.getActiveSession()
+    if active is None:
+        return None
+    extensions = active.conf.get("spark.sql.extensions", "") or ""
+    if DELTA_EXTENSION not in extensions:
+        raise SparkStartError(
+            f"a SparkSession is already running without Delta ({DELTA_EXTENSION} is not in spark.sql.extensions); "
+            "stop it or start it with Delta configured (delta.configure_spark_with_delta_pip)"
+        )
+    differing = sorted(
+        key for key, value in settings.items()
+        if key.startswith("spark.sql.") and active.conf.get(key, None) not in (value, None)
+    )
+    if differing:
+        logger.info("reusing the running SparkSession as it is; its %s differ from the configuration", differing)
+    return active
+
+
 def build_spark(cfg: Config) -> SparkSession:
-    """Build (or return the active) SparkSession for ``cfg``.
+    """Build the SparkSession for ``cfg``, or return the running one unchanged.
+
+    When a session is already active (a notebook, a test run, a job inside another
+    application), it is returned as it is: none of ``cfg.spark`` is applied to it, so the
+    session's other users keep their settings.
 
     Args:
         cfg: the run configuration; ``cfg.spark`` sets master, driver memory, shuffle
@@ -51,7 +112,8 @@ def build_spark(cfg: Config) -> SparkSession:
 
     Raises:
         SparkStartError: the JVM did not start, most often because the Delta jars could not be
-            fetched from Maven Central (no network, or a proxy Spark does not use).
+            fetched from Maven Central (no network, or a proxy Spark does not use); or the
+            running session has no Delta.
     """
     settings: dict[str, str] = {
         "spark.app.name": cfg.spark.app_name,
@@ -62,6 +124,10 @@ def build_spark(cfg: Config) -> SparkSession:
         "spark.sql.session.timeZone": "UTC",
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
     }
+    settings.update({k: v for k, v in cfg.spark.conf.items() if k.startswith("spark.sql.")})
+    active = _reuse_active(settings)
+    if active is not None:
+        return active
     local = not under_spark_submit()
     if local:
         warehouse = warehouse_path(cfg)
