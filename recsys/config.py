@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_override", "CONF_DIR"]
 
@@ -130,7 +130,7 @@ class QualityConfig(_Section):
     label: Literal["category_l1", "category_l2", "category_l3"] = "category_l2"
     probe_max_iter: int = Field(50, ge=0, le=10_000)
     probe_max_articles: int = Field(20_000, ge=100)
-    holdout: float = Field(0.2, gt=0, lt=1)
+    holdout: float = Field(0.1, gt=0, lt=1)
 
 
 class FusionConfig(_Section):
@@ -239,6 +239,22 @@ class Config(_Section):
     behaviour: BehaviourConfig = BehaviourConfig()
     customers: CustomersConfig = CustomersConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @field_validator("quality")
+    @classmethod
+    def _probe_scores_on_groups_the_encoder_held_out(cls, value: QualityConfig, info: ValidationInfo) -> QualityConfig:
+        """The probe's held-out product groups lie inside the image encoder's (same hash and seed,
+        :func:`recsys.training.holdout_column`), so it never scores articles the encoder trained on."""
+        image, train = info.data.get("image"), info.data.get("train")
+        if not (isinstance(image, ImageConfig) and isinstance(train, TrainConfig)):
+            return value  # a section failed its own validation; that error is reported
+        if image.weights == "trained" and train.enabled and value.holdout > train.holdout:
+            raise ValueError(
+                f"quality.holdout must be <= train.holdout ({train.holdout}) while the image encoder is "
+                "trained here (image.weights: trained): the probe is scored on product groups the encoder "
+                f"held out, got {value.holdout}"
+            )
+        return value
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -354,11 +370,15 @@ def load_config(
         lines = []
         for error in err.errors():
             key = ".".join(str(part) for part in error["loc"])
-            origin = next(
-                (origins[k] for k in _prefixes(key) if k in origins), str(base_path)
-            )
+            described = _describe(error)
+            if described.startswith(f"{key}."):  # a check across keys names its own key and value
+                key = described.split(" ", 1)[0]
+            origin = next((origins[k] for k in _prefixes(key) if k in origins), str(base_path))
+            if described.startswith(f"{key} "):
+                lines.append(f"{origin}: {described}")
+                continue
             got = "" if error["type"] == "extra_forbidden" else f", got {error.get('input')!r}"
-            lines.append(f"{origin}: {key} {_describe(error)}{got}")
+            lines.append(f"{origin}: {key} {described}{got}")
         raise ConfigError("\n".join(lines)) from None
 
 

@@ -4,7 +4,10 @@ A linear probe trains a linear classifier on frozen embeddings and scores it on 
 (Alain & Bengio 2016, "Understanding intermediate layers using linear classifier probes"): how
 much of the category a modality's vectors carry, linearly. Here the classifier is Spark ML's
 multinomial ``LogisticRegression`` on ``quality.label``, trained on the product groups outside a
-seeded ``quality.holdout`` share and scored by macro-F1 and accuracy on the rest.
+``quality.holdout`` share and scored by macro-F1 and accuracy on the rest. The held-out groups
+come from the same hash and seed as the image encoder's held-out split
+(:func:`recsys.training.holdout_column`; the config keeps ``quality.holdout <= train.holdout``),
+so the image and fused probes are never scored on articles the encoder was trained on.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pyspark.sql import functions as F
 
 from recsys import tables
 from recsys.config import Config
-from recsys.training import macro_f1
+from recsys.training import holdout_column, macro_f1
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ def linear_probe(spark: SparkSession, cfg: Config, vectors: DataFrame, seed: int
 
     Args:
         vectors: ``(article_id, vector array<float>)``, one row per article.
+        seed: orders the deterministic sample of ``quality.probe_max_articles`` articles.
 
     Returns:
         ``{probe_macro_f1, probe_accuracy, probe_holdout_articles, probe_classes, probe_seconds}``;
@@ -55,7 +59,7 @@ def linear_probe(spark: SparkSession, cfg: Config, vectors: DataFrame, seed: int
             "article_id",
             "label",
             array_to_vector(F.col("vector")).alias("features"),
-            (F.abs(F.xxhash64("group", F.lit(seed))) % 10_000 < int(q.holdout * 10_000)).alias("holdout"),
+            holdout_column(F.col("group"), cfg.train.seed, q.holdout).alias("holdout"),
         )
         .persist()
     )

@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from recsys import tables
 from recsys.config import Config
-from recsys.session import warehouse_path
+from recsys.session import sql_conf, warehouse_path
 from recsys.sources.images import image_files
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,23 @@ def resolve_image_weights(cfg: Config) -> str:
             "run the train stage (`recsys train`, train.enabled: true) or set image.weights"
         )
     return str(latest["checkpoint"])
+
+
+def holdout_column(group: Column, seed: int, share: float) -> Column:
+    """True for the product groups held out: ``|xxhash64(group, seed)| mod 10,000 < share × 10,000``.
+
+    One hash for every split of product groups (the image encoder's held-out images, the linear
+    probe's test articles): with the same seed a smaller ``share`` selects a subset of the groups
+    a larger one does, so the probe (``quality.holdout <= train.holdout``) is only ever scored
+    on groups the encoder did not train on. Colour and size variants share a group, so they
+    never straddle a split.
+
+    Args:
+        group: the product group column (string).
+        seed: ``train.seed``.
+        share: the share of groups held out, in (0, 1).
+    """
+    return F.abs(F.xxhash64(group, F.lit(seed))) % 10_000 < int(round(share * 10_000))
 
 
 def labelled_images(spark: SparkSession, cfg: Config) -> DataFrame:
@@ -190,8 +207,7 @@ def train(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         logger.info("train: skipped, checkpoint %s already fits this recipe and these images", latest["model_id"])
         return {"skipped": "checkpoint is current", "model_id": latest["model_id"], **latest.get("metrics", {})}
     started = time.perf_counter()
-    holdout = F.abs(F.xxhash64("group", F.lit(cfg.train.seed))) % 10_000 < int(cfg.train.holdout * 10_000)
-    frame = frame.withColumn("holdout", holdout)
+    frame = frame.withColumn("holdout", holdout_column(F.col("group"), cfg.train.seed, cfg.train.holdout))
     counts = {r["label"]: int(r["n"]) for r in frame.where(~F.col("holdout")).groupBy("label").agg(F.count(F.lit(1)).alias("n")).collect()}
     kept = sorted(c for c, n in counts.items() if n >= cfg.train.min_class_count)
     classes = kept + ([OTHER] if len(kept) < len(counts) or not kept else [])
@@ -259,7 +275,6 @@ def _fit(
     h, w = cfg.image.height, cfg.image.width
     cache = models_dir(cfg).parent / "petastorm-cache"
     cache.mkdir(parents=True, exist_ok=True)
-    spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache.as_uri())
     fields = [("image", np.uint8, (h, w, 3), False), ("ok", np.bool_, (), False)]
     specs = {
         augment: TransformSpec(
@@ -283,8 +298,9 @@ def _fit(
     steps_per_epoch = max(1, math.ceil(n_train / cfg.train.batch_size))
     total = steps_per_epoch * cfg.train.epochs
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.train.learning_rate, total_steps=total + 1, pct_start=0.15)
-    train_conv = make_spark_converter(train_df, parquet_row_group_size_bytes=4 * 1024 * 1024)
-    holdout_conv = make_spark_converter(holdout_df, parquet_row_group_size_bytes=4 * 1024 * 1024)
+    with sql_conf(spark, {SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF: cache.as_uri()}):
+        train_conv = make_spark_converter(train_df, parquet_row_group_size_bytes=4 * 1024 * 1024)
+        holdout_conv = make_spark_converter(holdout_df, parquet_row_group_size_bytes=4 * 1024 * 1024)
     epoch_loss: list[float] = []
     unreadable = 0
     fit_started = time.perf_counter()

@@ -51,6 +51,18 @@ def test_unknown_key_and_bad_choice_are_rejected(tmp_path: Path) -> None:
     assert f"{env}: data.source must be one of 'hm' or 'fashion_products', got 'csv'" in message
 
 
+def test_probe_holdout_must_lie_inside_the_image_encoders_holdout(tmp_path: Path) -> None:
+    env = write(tmp_path / "probe.yaml", "quality:\n  holdout: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(env)
+    assert str(err.value) == (
+        f"{env}: quality.holdout must be <= train.holdout (0.1) while the image encoder is trained here "
+        "(image.weights: trained): the probe is scored on product groups the encoder held out, got 0.2"
+    )
+    assert load_config(env, ["train.holdout=0.25"]).quality.holdout == 0.2
+    assert load_config(env, ["image.weights=none"]).quality.holdout == 0.2  # no encoder trained here
+
+
 def test_template_with_unknown_field_is_rejected() -> None:
     with pytest.raises(ConfigError, match=r"text.template uses unknown field\(s\) \['price'\]"):
         load_config("local", ["text.template={name} {price}"])
