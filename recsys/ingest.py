@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from recsys import tables
 from recsys.config import Config
 from recsys.sources import fashion_products, hm
-from recsys.sources.base import ROW, FileReport
+from recsys.sources.base import ROW, FileReport, SourceRead
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +30,31 @@ def content_hash(*columns: str) -> F.Column:
     return F.sha2(F.to_json(F.struct(*columns)), 256)
 
 
-def _quarantine(spark: SparkSession, cfg: Config, run_id: str, rejected: DataFrame, stage: str) -> None:
-    rows = rejected.select(
-        F.lit(run_id).alias("run_id"),
-        "source",
-        "row",
-        "record",
-        "reason",
-        F.lit(stage).alias("stage"),
-        F.current_timestamp().alias("quarantined_at"),
-    )
-    tables.merge(spark, cfg.data.database, tables.QUARANTINE, rows, insert_only=True)
+def _quarantine(spark: SparkSession, cfg: Config, run_id: str, rejected: list[tuple[str, DataFrame]]) -> None:
+    """The rejects of the source files become this run's ingest quarantine rows for those files,
+    in one commit: new ones are inserted, unchanged ones kept as they were, and rows of an
+    earlier attempt of the same run that are no longer rejected are deleted.
+
+    Args:
+        rejected: ``(file, rejects)`` per source file; rejects are ``(source, row, record, reason)``.
+    """
+    rows = None
+    for _, df in rejected:
+        part = df.select(
+            F.lit(run_id).alias("run_id"),
+            "source",
+            "row",
+            "record",
+            "reason",
+            F.lit("ingest").alias("stage"),
+            F.current_timestamp().alias("quarantined_at"),
+        )
+        rows = part if rows is None else rows.unionByName(part)
+    if rows is None:
+        return
+    files = ", ".join(tables.sql_string(source) for source, _ in rejected)
+    scope = f"t.run_id = {tables.sql_string(run_id)} AND t.stage = 'ingest' AND t.source IN ({files})"
+    tables.merge(spark, cfg.data.database, tables.QUARANTINE, rows, only_changed=True, delete_missing=scope)
 
 
 def _write_articles(spark: SparkSession, cfg: Config, run_id: str, articles: DataFrame, source: str) -> None:
@@ -79,6 +93,11 @@ def _unknown_reference(df: DataFrame, column: str, known: DataFrame, path: str) 
 def ingest(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     """Read the configured source into the Delta tables.
 
+    Nothing is lost without notice: after the writes, one aggregate per table counts the rows
+    each write committed (the articles ``articles`` holds, the file's customers ``customers``
+    holds, the transactions in the file's date range, and this run's quarantine rows of the
+    file), and every file must satisfy ``input lines = committed rows + quarantined rows``.
+
     Args:
         spark: the session.
         cfg: ``cfg.data.source`` picks the adapter (``hm`` or ``fashion_products``) and
@@ -86,55 +105,83 @@ def ingest(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         run_id: written on every row.
 
     Returns:
-        The stage report: ``files``, a list of ``{source, input, accepted, quarantined}``, and
-        ``articles``, the row count of the table after the write.
+        The stage report: ``files``, a list of ``{source, input, accepted, quarantined}``
+        (``accepted`` and ``quarantined`` as committed to the tables), and ``articles``, the
+        row count of the table after the write.
 
     Raises:
         SourceError: a file is missing or lacks a required column.
-        RuntimeError: a file's counts do not add up (a bug, never expected).
+        RuntimeError: a file's input lines are not all in its table or in quarantine after the
+            writes, naming the file and the counts (rows were lost).
     """
     tables.ensure_tables(spark, cfg.data.database)
     root = cfg.data.path.rstrip("/")
-    reports: list[FileReport] = []
     db = cfg.data.database
-    if cfg.data.source == "hm":
-        articles, rejected, report = hm.read_articles(spark, root)
-    else:
-        articles, rejected, report = fashion_products.read_articles(spark, root)
-    reports.append(report)
-    _quarantine(spark, cfg, run_id, rejected, "ingest")
-    _write_articles(spark, cfg, run_id, articles, f"{cfg.data.source}:{report.source}")
+    reads: list[SourceRead] = []
+    committed: list[tuple[FileReport, str, int]] = []  # (parse counts, table, rows the table holds)
+    try:
+        read = (hm if cfg.data.source == "hm" else fashion_products).read_articles(spark, root)
+        reads.append(read)
+        source = read.report.source
+        rejects = [(source, read.rejected)]
+        _write_articles(spark, cfg, run_id, read.accepted, f"{cfg.data.source}:{source}")
+        # articles mirrors the file: the table holds exactly the accepted rows
+        n_articles = tables.read(spark, db, tables.ARTICLES).count()
+        committed.append((read.report, "articles", n_articles))
 
-    if cfg.data.source == "hm":
-        customers, rejected, report = hm.read_customers(spark, root)
-        reports.append(report)
-        _quarantine(spark, cfg, run_id, rejected, "ingest")
-        tables.merge(spark, db, tables.CUSTOMERS, customers.select(
-            "*", F.current_timestamp().alias("ingested_at"), F.lit(run_id).alias("run_id")), only_changed=True)
+        if cfg.data.source == "hm":
+            read = hm.read_customers(spark, root)
+            reads.append(read)
+            rejects.append((read.report.source, read.rejected))
+            tables.merge(spark, db, tables.CUSTOMERS, read.accepted.select(
+                "*", F.current_timestamp().alias("ingested_at"), F.lit(run_id).alias("run_id")), only_changed=True)
+            held = tables.read(spark, db, tables.CUSTOMERS).join(
+                read.accepted.select("customer_id"), "customer_id", "left_semi").count()
+            committed.append((read.report, "customers", held))
+            committed.append(_ingest_transactions(spark, cfg, run_id, root, reads, rejects))
+        _quarantine(spark, cfg, run_id, rejects)
 
-        transactions, rejected, report = hm.read_transactions(spark, root)
-        known_articles = tables.read(spark, db, tables.ARTICLES)
-        known_customers = tables.read(spark, db, tables.CUSTOMERS)
-        typed = transactions.withColumn(ROW, F.col("row_number"))
-        typed, bad_article = _unknown_reference(typed, "article_id", known_articles, report.source)
-        typed, bad_customer = _unknown_reference(typed, "customer_id", known_customers, report.source)
-        typed = typed.persist()
-        unknown = bad_article.unionByName(bad_customer).persist()
-        n_unknown = unknown.count()
-        report = FileReport(report.source, report.input, report.accepted - n_unknown, report.quarantined + n_unknown)
+        quarantined: dict[str, int] = dict(
+            tables.read(spark, db, tables.QUARANTINE)
+            .where((F.col("run_id") == run_id) & (F.col("stage") == "ingest"))
+            .groupBy("source").count().collect()
+        )
+    finally:
+        for r in reads:
+            r.release()
+    reports: list[FileReport] = []
+    for parsed, table, held in committed:
+        report = FileReport(parsed.source, parsed.input, held, int(quarantined.get(parsed.source, 0)))
         reports.append(report)
-        _quarantine(spark, cfg, run_id, rejected.unionByName(unknown), "ingest")
-        bounds = tables.first_row(typed.agg(F.min("t_dat").alias("lo"), F.max("t_dat").alias("hi")))
-        if bounds["lo"] is not None:
-            tables.replace(
-                spark, db, tables.TRANSACTIONS,
-                typed.drop(ROW).withColumn("run_id", F.lit(run_id)),
-                f"t_dat >= '{bounds['lo']}' AND t_dat <= '{bounds['hi']}'",
+        logger.info("ingest %s: input %d = %s %d + quarantined %d", report.source, report.input, table,
+                    report.accepted, report.quarantined)
+        if not report.balanced:
+            raise RuntimeError(
+                f"ingest {report.source}: {report.input} input rows but {report.accepted} committed to {db}.{table} "
+                f"+ {report.quarantined} in {db}.quarantine ({parsed.accepted} accepted and {parsed.quarantined} "
+                f"rejected when parsed); {report.input - report.accepted - report.quarantined} row(s) unaccounted for"
             )
-        typed.unpersist()
-        unknown.unpersist()
-
-    n_articles = tables.read(spark, db, tables.ARTICLES).count()
-    for r in reports:
-        logger.info("ingest %s: input %d = accepted %d + quarantined %d", r.source, r.input, r.accepted, r.quarantined)
     return {"files": [asdict(r) for r in reports], "articles": n_articles}
+
+
+def _ingest_transactions(
+    spark: SparkSession, cfg: Config, run_id: str, root: str, reads: list[SourceRead],
+    rejects: list[tuple[str, DataFrame]],
+) -> tuple[FileReport, str, int]:
+    """Transactions whose article and customer exist replace the file's date range; the others
+    join ``rejects``. Returns the parse counts and the rows the table holds in that range."""
+    db = cfg.data.database
+    read = hm.read_transactions(spark, root)
+    reads.append(read)
+    typed = read.accepted.withColumn(ROW, F.col("row_number"))
+    typed, bad_article = _unknown_reference(typed, "article_id", tables.read(spark, db, tables.ARTICLES), read.report.source)
+    typed, bad_customer = _unknown_reference(typed, "customer_id", tables.read(spark, db, tables.CUSTOMERS), read.report.source)
+    typed = typed.persist()
+    read.cached.append(typed)
+    rejects.append((read.report.source, read.rejected.unionByName(bad_article).unionByName(bad_customer)))
+    bounds = tables.first_row(typed.agg(F.min("t_dat").alias("lo"), F.max("t_dat").alias("hi")))
+    if bounds["lo"] is None:
+        return read.report, "transactions", 0
+    in_range = f"t_dat >= '{bounds['lo']}' AND t_dat <= '{bounds['hi']}'"
+    tables.replace(spark, db, tables.TRANSACTIONS, typed.drop(ROW).withColumn("run_id", F.lit(run_id)), in_range)
+    return read.report, "transactions", tables.read(spark, db, tables.TRANSACTIONS).where(in_range).count()

@@ -298,13 +298,17 @@ def merge(
     df: DataFrame,
     insert_only: bool = False,
     only_changed: bool = False,
+    delete_missing: str | None = None,
 ) -> None:
     """Upsert ``df`` into the table on its key, in one Delta commit.
 
     Rows whose key exists are updated in full; with ``only_changed`` only when a data column
     differs (so a rerun on the same input leaves the row, its ``run_id`` and timestamps as
-    they were); with ``insert_only`` never. New keys are inserted; nothing is deleted. ``df``
-    must hold each key at most once (Delta raises otherwise).
+    they were); with ``insert_only`` never. New keys are inserted. Nothing is deleted unless
+    ``delete_missing`` is given: then the table's rows that match that SQL predicate (columns
+    qualified with ``t.``) and whose key is not in ``df`` are deleted in the same commit, so
+    ``df`` becomes the whole of that slice. ``df`` must hold each key at most once (Delta
+    raises otherwise).
     """
     target = DeltaTable.forName(spark, qualified(database, spec))
     condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.key)
@@ -313,7 +317,15 @@ def merge(
         data = [f.name for f in spec.schema.fields if f.name not in spec.key and f.name not in BOOKKEEPING]
         changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in data) if only_changed and data else None
         builder = builder.whenMatchedUpdateAll(condition=changed)
-    builder.whenNotMatchedInsertAll().execute()
+    builder = builder.whenNotMatchedInsertAll()
+    if delete_missing is not None:
+        builder = builder.whenNotMatchedBySourceDelete(condition=delete_missing)
+    builder.execute()
+
+
+def sql_string(value: str) -> str:
+    """``value`` as a quoted Spark SQL string literal (quotes and backslashes escaped)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def replace(spark: SparkSession, database: str, spec: TableSpec, df: DataFrame, where: str) -> None:

@@ -61,7 +61,14 @@ class CsvSpec:
 
 @dataclass
 class FileReport:
-    """``input = accepted + quarantined`` for one source file."""
+    """``input = accepted + quarantined`` for one source file.
+
+    Attributes:
+        source: the file.
+        input: its record lines (the header and blank lines are not records).
+        accepted: rows that passed validation (after the write: rows its table holds).
+        quarantined: rows rejected with a reason (after the write: rows ``quarantine`` holds).
+    """
 
     source: str
     input: int
@@ -71,6 +78,29 @@ class FileReport:
     @property
     def balanced(self) -> bool:
         return self.input == self.accepted + self.quarantined
+
+
+@dataclass
+class SourceRead:
+    """One source file read and split: what a reader hands to the ingest stage.
+
+    Attributes:
+        accepted: the parsed rows that passed validation (the reader's typed columns).
+        rejected: ``(source, row, record, reason)`` quarantine records.
+        report: the counts of the parse (one aggregate).
+        cached: DataFrames the reader persisted so the file is parsed once; :meth:`release`
+            unpersists them once the writes are done.
+    """
+
+    accepted: DataFrame
+    rejected: DataFrame
+    report: FileReport
+    cached: list[DataFrame] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Unpersist what the reader cached."""
+        for df in self.cached:
+            df.unpersist()
 
 
 def read_header(path: str) -> list[str]:
@@ -133,9 +163,7 @@ def _parse_one(
     return values, None
 
 
-def read_csv_checked(
-    spark: SparkSession, path: str, spec: CsvSpec
-) -> tuple[DataFrame, DataFrame, FileReport]:
+def read_csv_checked(spark: SparkSession, path: str, spec: CsvSpec) -> SourceRead:
     """Read one CSV file into accepted rows and quarantine records.
 
     Args:
@@ -144,9 +172,10 @@ def read_csv_checked(
         spec: columns, validator and key.
 
     Returns:
-        ``(accepted, rejected, report)``. ``accepted`` has the ``spec.output`` columns (strings)
-        plus ``_row`` (1-based line number, the header is line 1). ``rejected`` has ``source``,
-        ``row``, ``record``, ``reason``. ``report`` holds the counts, from one aggregate.
+        A :class:`SourceRead`: ``accepted`` has the ``spec.output`` columns (strings) plus
+        ``_row`` (1-based line number, the header is line 1); ``rejected`` has ``source``,
+        ``row``, ``record``, ``reason``; ``report`` holds the counts, from one aggregate. The
+        parsed lines are persisted (``release`` unpersists them).
 
     Raises:
         SourceError: the file is missing or empty, or its header lacks a required column.
@@ -206,6 +235,7 @@ def read_csv_checked(
         "read %s: %d rows, %d accepted, %d quarantined", path, total, report.accepted, report.quarantined
     )
     if not report.balanced:
+        parsed.unpersist()
         raise RuntimeError(f"{path}: {total} input rows but {report.accepted} accepted + "
                            f"{report.quarantined} quarantined; rows were lost while parsing")
-    return accepted, rejected, report
+    return SourceRead(accepted, rejected, report, [parsed])

@@ -8,11 +8,12 @@ colour/size variants, so ``product_group_id`` is the article's own id.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from recsys.sources.base import ROW, CsvSpec, FileReport, read_csv_checked
+from recsys.sources.base import ROW, CsvSpec, SourceRead, read_csv_checked
 from recsys.sources.images import list_images
 
 STYLE_ID = re.compile(r"^\d+$")
@@ -43,15 +44,16 @@ def validate_style(row: dict[str, str]) -> tuple[dict[str, str | None] | None, s
 STYLES_CSV = CsvSpec(COLUMNS, COLUMNS, validate_style, key=("id",), repair_tail="productDisplayName")
 
 
-def read_articles(spark: SparkSession, root: str) -> tuple[DataFrame, DataFrame, FileReport]:
+def read_articles(spark: SparkSession, root: str) -> SourceRead:
     """``styles.csv`` in the canonical schema, with ``image_path`` from ``images/``.
 
     Returns:
-        ``(articles, rejected, report)``; ``articles`` has the canonical columns plus ``_row``.
+        A :class:`~recsys.sources.base.SourceRead` whose ``accepted`` has the canonical columns
+        plus ``_row``.
     """
-    accepted, rejected, report = read_csv_checked(spark, f"{root}/styles.csv", STYLES_CSV)
+    read = read_csv_checked(spark, f"{root}/styles.csv", STYLES_CSV)
     images = list_images(spark, f"{root}/images")
-    articles = accepted.select(
+    articles = read.accepted.select(
         F.col("id").alias("article_id"),
         F.col("id").alias("product_group_id"),
         F.col("productDisplayName").alias("name"),
@@ -63,4 +65,4 @@ def read_articles(spark: SparkSession, root: str) -> tuple[DataFrame, DataFrame,
         F.create_map(*[x for a in ATTRIBUTES for x in (F.lit(a), F.col(a))]).alias("attributes"),
         ROW,
     )
-    return articles.join(images, "article_id", "left"), rejected, report
+    return replace(read, accepted=articles.join(images, "article_id", "left"))

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from dataclasses import replace
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from recsys.sources.base import ROW, CsvSpec, FileReport, read_csv_checked
+from recsys.sources.base import ROW, CsvSpec, SourceRead, read_csv_checked
 from recsys.sources.images import list_images
 
 ARTICLE_ID = re.compile(r"^\d{10}$")
@@ -97,15 +98,16 @@ TRANSACTION_COLUMNS = ("t_dat", "customer_id", "article_id", "price", "sales_cha
 TRANSACTIONS_CSV = CsvSpec(TRANSACTION_COLUMNS, TRANSACTION_COLUMNS, validate_transaction)
 
 
-def read_articles(spark: SparkSession, root: str) -> tuple[DataFrame, DataFrame, FileReport]:
+def read_articles(spark: SparkSession, root: str) -> SourceRead:
     """``articles.csv`` in the canonical schema, with ``image_path`` from ``images/``.
 
     Returns:
-        ``(articles, rejected, report)``; ``articles`` has the canonical columns plus ``_row``.
+        A :class:`~recsys.sources.base.SourceRead` whose ``accepted`` has the canonical columns
+        plus ``_row``.
     """
-    accepted, rejected, report = read_csv_checked(spark, f"{root}/articles.csv", ARTICLES_CSV)
+    read = read_csv_checked(spark, f"{root}/articles.csv", ARTICLES_CSV)
     images = list_images(spark, f"{root}/images")
-    articles = accepted.select(
+    articles = read.accepted.select(
         "article_id",
         F.col("product_code").alias("product_group_id"),
         F.col("prod_name").alias("name"),
@@ -117,14 +119,13 @@ def read_articles(spark: SparkSession, root: str) -> tuple[DataFrame, DataFrame,
         F.create_map(*[x for a in ARTICLE_ATTRIBUTES for x in (F.lit(a), F.col(a))]).alias("attributes"),
         ROW,
     )
-    articles = articles.join(images, "article_id", "left")
-    return articles, rejected, report
+    return replace(read, accepted=articles.join(images, "article_id", "left"))
 
 
-def read_customers(spark: SparkSession, root: str) -> tuple[DataFrame, DataFrame, FileReport]:
+def read_customers(spark: SparkSession, root: str) -> SourceRead:
     """``customers.csv`` typed for the ``customers`` table."""
-    accepted, rejected, report = read_csv_checked(spark, f"{root}/customers.csv", CUSTOMERS_CSV)
-    customers = accepted.select(
+    read = read_csv_checked(spark, f"{root}/customers.csv", CUSTOMERS_CSV)
+    customers = read.accepted.select(
         "customer_id",
         F.col("FN").cast("double").alias("fn"),
         F.col("Active").cast("double").alias("active"),
@@ -133,14 +134,13 @@ def read_customers(spark: SparkSession, root: str) -> tuple[DataFrame, DataFrame
         F.col("age").cast("int").alias("age"),
         "postal_code",
     )
-    return customers, rejected, report
+    return replace(read, accepted=customers)
 
 
-def read_transactions(spark: SparkSession, root: str) -> tuple[DataFrame, DataFrame, FileReport]:
+def read_transactions(spark: SparkSession, root: str) -> SourceRead:
     """``transactions_train.csv`` typed for the ``transactions`` table (``row_number`` = line)."""
-    path = f"{root}/transactions_train.csv"
-    accepted, rejected, report = read_csv_checked(spark, path, TRANSACTIONS_CSV)
-    transactions = accepted.select(
+    read = read_csv_checked(spark, f"{root}/transactions_train.csv", TRANSACTIONS_CSV)
+    transactions = read.accepted.select(
         F.to_date("t_dat").alias("t_dat"),
         "customer_id",
         "article_id",
@@ -148,4 +148,4 @@ def read_transactions(spark: SparkSession, root: str) -> tuple[DataFrame, DataFr
         F.col("price").cast("double").alias("price"),
         F.col("sales_channel_id").cast("int").alias("sales_channel_id"),
     )
-    return transactions, rejected, report
+    return replace(read, accepted=transactions)

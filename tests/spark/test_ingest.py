@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
+from recsys import ingest as ingest_module
 from recsys import tables
 from recsys.ingest import ingest
 from recsys.sources.base import SourceError
-from tests.conftest import REPO, test_config
+from tests.conftest import REPO, cache_is_empty, test_config
 from tests.spark.hm_fixture import write_fashion, write_hm
 
 pytestmark = pytest.mark.spark
@@ -35,7 +36,9 @@ def assert_rejects(found: dict[str, list[tuple[int, str]]], expected: dict[str, 
 def test_hm_bad_rows_go_to_quarantine_and_counts_add_up(spark, warehouse: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     expected = write_hm(tmp_path / "hm")
     cfg = test_config(warehouse, "ingest_hm", "data.source=hm", f"data.path={tmp_path / 'hm'}")
+    spark.catalog.clearCache()
     report = ingest(spark, cfg, "r1")
+    assert cache_is_empty(spark)  # the parsed files were unpersisted
 
     assert_rejects(quarantined(spark, "ingest_hm", "r1"), expected)
     files = {Path(f["source"]).name: f for f in report["files"]}
@@ -62,6 +65,47 @@ def test_hm_bad_rows_go_to_quarantine_and_counts_add_up(spark, warehouse: Path, 
     assert [(c["age"], c["fn"]) for c in customers] == [(31, 1.0), (None, None)]
 
 
+def _drop_one(df, column: str, value: object):  # type: ignore[no-untyped-def]
+    return df.where(F.col(column) != value)
+
+
+@pytest.mark.parametrize(
+    ("write", "file", "expected"),
+    [
+        ("articles", "articles.csv", "7 input rows but 3 committed to ingest_lost.articles + 3 in ingest_lost.quarantine"),
+        ("transactions", "transactions_train.csv",
+         "8 input rows but 2 committed to ingest_lost.transactions + 5 in ingest_lost.quarantine"),
+        ("quarantine", "articles.csv", "7 input rows but 4 committed to ingest_lost.articles + 2 in ingest_lost.quarantine"),
+    ],
+)
+def test_a_row_lost_by_a_write_fails_the_run(spark, warehouse: Path, tmp_path: Path, monkeypatch, write: str,  # type: ignore[no-untyped-def]
+                                             file: str, expected: str) -> None:
+    """The balance is taken from what the writes committed, so a write that drops a row fails
+    ingest, naming the file; the parse counts alone would still add up."""
+    write_hm(tmp_path / "hm")
+    cfg = test_config(warehouse, "ingest_lost", "data.source=hm", f"data.path={tmp_path / 'hm'}")
+    if write == "articles":
+        original_articles = ingest_module._write_articles
+        monkeypatch.setattr(ingest_module, "_write_articles", lambda spark, cfg, run_id, df, source: original_articles(
+            spark, cfg, run_id, _drop_one(df, "article_id", "0200000001"), source))
+    elif write == "transactions":
+        original_replace = tables.replace
+
+        def lossy_replace(spark, database, spec, df, where):  # type: ignore[no-untyped-def]
+            if spec is tables.TRANSACTIONS:
+                df = df.where(F.col("row_number") != 3)
+            original_replace(spark, database, spec, df, where)
+
+        monkeypatch.setattr(tables, "replace", lossy_replace)
+    else:
+        original_quarantine = ingest_module._quarantine
+        monkeypatch.setattr(ingest_module, "_quarantine", lambda spark, cfg, run_id, rejected: original_quarantine(
+            spark, cfg, run_id, [(s, _drop_one(df, "row", 6) if s.endswith("articles.csv") else df) for s, df in rejected]))
+    with pytest.raises(RuntimeError) as err:
+        ingest(spark, cfg, "r1")
+    assert f"/{file}: {expected}" in str(err.value) and "1 row(s) unaccounted for" in str(err.value)
+
+
 def test_rerun_leaves_the_same_tables(spark, warehouse: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     write_hm(tmp_path / "hm")
     cfg = test_config(warehouse, "ingest_rerun", "data.source=hm", f"data.path={tmp_path / 'hm'}")
@@ -73,6 +117,12 @@ def test_rerun_leaves_the_same_tables(spark, warehouse: Path, tmp_path: Path) ->
              (tables.ARTICLES, tables.CUSTOMERS, tables.TRANSACTIONS, tables.QUARANTINE)}
     for name in ("articles", "customers", "transactions", "quarantine"):
         assert sorted(map(tuple, before[name]), key=str) == sorted(map(tuple, after[name]), key=str), name
+    # the same run again after line 5's bad article_id was fixed: its quarantine row goes
+    articles = tmp_path / "hm" / "articles.csv"
+    articles.write_text(articles.read_text().replace("12345,0300000", "0300000001,0300000"))
+    report = ingest(spark, cfg, "r1")
+    assert [(f["input"], f["accepted"], f["quarantined"]) for f in report["files"]][0] == (7, 5, 2)
+    assert [r for r, _ in quarantined(spark, "ingest_rerun", "r1")["articles.csv"]] == [6, 7]
 
 
 def test_changed_and_removed_articles_are_updated(spark, warehouse: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
