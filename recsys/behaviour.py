@@ -127,6 +127,7 @@ def embed_behaviour(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, 
         )
     )
     if stats["n"] == 0:
+        transactions.unpersist()
         logger.info("behaviour: no transactions, skipped (articles rely on their content modalities)")
         return {"skipped": "no transactions"}
     mid = behaviour_model_id(cfg.behaviour, int(stats["n"]), stats["last"])

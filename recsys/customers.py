@@ -157,8 +157,10 @@ def customer_top_k(
 def recommend_customers(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     """Customers stage: ``customer_recommendations`` for every customer in ``customers``.
 
-    Uses all of ``transactions`` and the served ``item_recommendations``; replaces the table in
-    one commit. Skips (and says so) when the stage is off or there are no customers or purchases.
+    Uses all of ``transactions`` and the served ``item_recommendations``. The lists are checked
+    (every customer has K) before they replace the table in one commit, so a failing run leaves
+    the previous lists in place. Skips (and says so) when the stage is off or there are no
+    customers or purchases.
 
     Returns:
         ``{skipped}`` or ``{customers, rows, customers_short, reasons: {similar_to, repurchase,
@@ -166,7 +168,8 @@ def recommend_customers(spark: SparkSession, cfg: Config, run_id: str) -> dict[s
         when the catalogue has fewer than K articles).
 
     Raises:
-        RuntimeError: if a customer got fewer than K rows although the catalogue has K articles.
+        RuntimeError: a customer got fewer than K rows although the catalogue has K articles
+            (nothing is written).
     """
     db = cfg.data.database
     if not cfg.customers.enabled:
@@ -183,24 +186,27 @@ def recommend_customers(spark: SparkSession, cfg: Config, run_id: str) -> dict[s
     item_lists = tables.read(spark, db, tables.ITEM_RECOMMENDATIONS).select(
         "article_id", F.col("recommended_id").alias("neighbour_id"), "score"
     )
-    recs = customer_top_k(transactions, item_lists, customers, articles, cfg.customers)
-    rows = recs.withColumn("run_id", F.lit(run_id))
-    tables.replace(spark, db, tables.CUSTOMER_RECOMMENDATIONS, rows, "true")
-    written = tables.read(spark, db, tables.CUSTOMER_RECOMMENDATIONS)
-    per_customer = written.groupBy("customer_id").count()
-    k = min(cfg.customers.k, articles.count())
-    stats = tables.first_row(
-        per_customer.agg(F.count(F.lit(1)).alias("customers"), F.sum("count").alias("rows"),
-                         F.sum((F.col("count") < k).cast("int")).alias("short"))
-    )
-    reasons: dict[str, int] = dict(
-        written.groupBy(F.split("reason", ":")[0].alias("source")).count().select("source", "count").collect()
-    )
-    missing = n_customers - int(stats["customers"] or 0)
-    if missing or stats["short"]:
-        raise RuntimeError(
-            f"customers: {missing} customers got no list and {stats['short']} fewer than {k}; expected {k} each"
+    recs = customer_top_k(transactions, item_lists, customers, articles, cfg.customers).persist()
+    try:
+        # checked before the commit: a run that fails here publishes nothing
+        per_customer = recs.groupBy("customer_id").count()
+        k = min(cfg.customers.k, articles.count())
+        stats = tables.first_row(
+            per_customer.agg(F.count(F.lit(1)).alias("customers"), F.sum("count").alias("rows"),
+                             F.sum((F.col("count") < k).cast("int")).alias("short"))
         )
+        missing = n_customers - int(stats["customers"] or 0)
+        if missing or stats["short"]:
+            raise RuntimeError(
+                f"customers: {missing} customers got no list and {stats['short']} fewer than {k}; expected {k} each; "
+                f"{db}.customer_recommendations was left as it was"
+            )
+        reasons: dict[str, int] = dict(
+            recs.groupBy(F.split("reason", ":")[0].alias("source")).count().select("source", "count").collect()
+        )
+        tables.replace(spark, db, tables.CUSTOMER_RECOMMENDATIONS, recs.withColumn("run_id", F.lit(run_id)), "true")
+    finally:
+        recs.unpersist()
     seconds = time.perf_counter() - started
     by_reason = {r: int(reasons.get(r, 0)) for r in ("similar_to", "repurchase", "popular")}
     report: dict[str, Any] = {

@@ -36,7 +36,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,8 +253,33 @@ def evaluate_split(
     """
     k = cfg.customers.k
     split = time_split(transactions, cfg.evaluate.validation_days)
-    train = split.train.persist()
-    validation = split.validation.persist()
+    cached: list[DataFrame] = []
+    predictions: dict[str, DataFrame] = {}
+
+    def keep(df: DataFrame) -> DataFrame:
+        cached.append(df.persist())
+        return df
+
+    try:
+        report = _evaluate_split(spark, cfg, split, customers, articles, k, keep, predictions)
+    except BaseException:
+        for df in predictions.values():
+            df.unpersist()
+        raise
+    finally:
+        for df in cached:
+            df.unpersist()
+    return report, predictions
+
+
+def _evaluate_split(
+    spark: SparkSession, cfg: Config, split: Split, customers: DataFrame, articles: DataFrame, k: int,
+    keep: Callable[[DataFrame], DataFrame], predictions: dict[str, DataFrame],
+) -> dict[str, Any]:
+    """The body of :func:`evaluate_split`: ``keep`` persists a frame until the split is scored;
+    each system's customer lists go into ``predictions`` (persisted)."""
+    train = keep(split.train)
+    validation = keep(split.validation)
     n_train, n_valid = train.count(), validation.count()
     if n_train == 0 or n_valid == 0:
         raise ValueError(
@@ -262,10 +287,10 @@ def evaluate_split(
             "validation purchases; both need some"
         )
     as_of = split.first_validation_day
-    catalogue = articles.select("article_id").distinct().persist()
+    catalogue = keep(articles.select("article_id").distinct())
     n_articles = catalogue.count()
     categories = articles.select("article_id", F.col("category_l3").alias("category"))
-    pairs = copurchase_pairs(validation, cfg.evaluate.copurchase_days).persist()
+    pairs = keep(copurchase_pairs(validation, cfg.evaluate.copurchase_days))
     report: dict[str, Any] = {
         "k": k,
         "split": {
@@ -285,7 +310,6 @@ def evaluate_split(
         n_train, as_of, n_valid, report["split"]["validation_customers"], split.last_day,
         report["split"]["copurchase_pairs"],
     )
-    predictions: dict[str, DataFrame] = {}
 
     def score_customers(name: str, lists: DataFrame, params: Any) -> None:
         started = time.perf_counter()
@@ -300,7 +324,7 @@ def evaluate_split(
     # baselines
     empty = spark.createDataFrame([], "article_id string, neighbour_id string, score float")
     score_customers("popular", empty, cfg.customers.model_copy(update={"similar_weight": 0.0, "repurchase_weight": 0.0}))
-    together = bought_together_lists(train, cfg.evaluate.copurchase_days, k).persist()
+    together = keep(bought_together_lists(train, cfg.evaluate.copurchase_days, k))
     report["items"]["bought_together"] = item_metrics(together, pairs, categories, k)
     score_customers("bought_together", together, cfg.customers.model_copy(update={"repurchase_weight": 0.0}))
 
@@ -309,11 +333,11 @@ def evaluate_split(
     content = {m: model_ids[m] for m in CONTENT_MODALITIES if m in model_ids}
     vectors = current_vectors(spark, cfg, content).join(catalogue, "article_id", "left_semi")
     if cfg.behaviour.enabled:
-        behaviour = als_item_vectors(train, cfg.behaviour).select(
-            "article_id", F.lit("behaviour").alias("modality"), "vector", "dim"
-        )
+        als = als_item_vectors(train, cfg.behaviour)  # persisted by als_item_vectors
+        cached_als = keep(als)
+        behaviour = cached_als.select("article_id", F.lit("behaviour").alias("modality"), "vector", "dim")
         vectors = vectors.unionByName(behaviour)
-    vectors = vectors.persist()
+    vectors = keep(vectors)
     present = sorted(r["modality"] for r in vectors.select("modality").distinct().collect())
     weights = {m: w for m, w in cfg.fusion.weights.items() if w > 0 and m in present}
     variants: dict[str, dict[str, float]] = {}
@@ -332,20 +356,15 @@ def evaluate_split(
             space = vectors.where(F.col("modality") == name).select("article_id", "vector")
         else:
             space = fuse_vectors(vectors, mix)[0].select("article_id", "vector")
-        space = space.persist()
         lists = top_k(space, k, cfg.knn.backend, lsh, (), cfg.knn.block_size, cfg.knn.exact_block_rows, mllib)
-        lists = lists.select("article_id", "rank", "neighbour_id", "score").persist()
+        lists = lists.select("article_id", "rank", "neighbour_id", "score")
         report["items"][name] = item_metrics(lists, pairs, categories, k)
         report["items"][name]["seconds"] = round(time.perf_counter() - started, 2)
         logger.info("evaluate %s lists: category precision@%d %.4f, co-purchase hit rate@%d %.4f (%d articles)", name,
                     k, report["items"][name]["category_precision_at_k"], k,
                     report["items"][name]["copurchase_hit_rate_at_k"], report["items"][name]["articles"])
         score_customers("recsys" if name == "fused" else name, lists, cfg.customers)
-        lists.unpersist()
-        space.unpersist()
-    for df in (train, validation, pairs, together, vectors, catalogue):
-        df.unpersist()
-    return report, predictions
+    return report
 
 
 def evaluate(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:

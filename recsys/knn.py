@@ -939,7 +939,9 @@ def top_k(
 
     Returns:
         ``article_id, rank, neighbour_id, score, segment_scores`` (``array<float>`` in
-        ``segments`` order, NaN for a missing modality; null without segments).
+        ``segments`` order, NaN for a missing modality; null without segments), computed
+        before the call returns (a local checkpoint): the caches used on the way are
+        unpersisted and the session's cache holds nothing of it.
 
     Raises:
         ValueError: ``k < 1``, unknown backend, or invalid vectors (see :func:`prepare`).
@@ -949,31 +951,45 @@ def top_k(
     if backend not in BACKENDS:
         raise ValueError(f"knn: backend must be one of {list(BACKENDS)}, got {backend!r}")
     indexed, n, dim = prepare(vectors)
-    spark = indexed.sparkSession
-    if dim == 0 or n < 2:
-        ranked = spark.createDataFrame([], pair_schema(segments, ranked=True))
-    elif backend == "exact":
-        ranked = exact_pairs(indexed, None, k, dim, block_size, block_rows, segments)
-    elif backend == "mllib":
-        from recsys.knn_mllib import MLlibParams, mllib_pairs
+    cached = [indexed]
+    try:
+        spark = indexed.sparkSession
+        if dim == 0 or n < 2:
+            ranked = spark.createDataFrame([], pair_schema(segments, ranked=True))
+        elif backend == "exact":
+            ranked = exact_pairs(indexed, None, k, dim, block_size, block_rows, segments)
+        elif backend == "mllib":
+            from recsys.knn_mllib import MLlibParams, mllib_pairs
 
-        with_idx = vectors.select("article_id", "vector").join(indexed.select("article_id", "idx"), "article_id")
-        ranked = mllib_pairs(with_idx, k, mllib or MLlibParams(), n, dim)
-        if segments:
-            ranked = with_segment_scores(indexed, ranked, dim, segments)
-    else:
-        resolved = params.resolved(n)
-        logger.info("lsh: %d vectors, hash %s, %d bands, %d buckets per band, %d probes", n, resolved.hash,
-                    resolved.bands, resolved.buckets(n), resolved.probes)
-        if index is None:
-            index = LSHIndex(resolved, dim, fit_hash(indexed, n, dim, resolved))
-        elif index.dim != dim:
-            raise ValueError(f"knn: the LSH index was fitted on {index.dim}-d vectors, these have {dim}")
-        resolved = index.params
-        pairs = score_cell_rows(lsh_cell_rows(indexed, dim, index), dim, k, resolved.max_bucket_size,
-                                resolved.seed, block_size, segments)
-        ranked = _top_up(indexed, merge_pairs(pairs, k, segments), n, k, dim, segments, block_size, block_rows)
-    return _named(ranked, indexed.select("idx", "article_id"), segments)
+            with_idx = vectors.select("article_id", "vector").join(indexed.select("article_id", "idx"), "article_id")
+            ranked = mllib_pairs(with_idx, k, mllib or MLlibParams(), n, dim)
+            if segments:
+                ranked = with_segment_scores(indexed, ranked, dim, segments)
+        else:
+            resolved = params.resolved(n)
+            logger.info("lsh: %d vectors, hash %s, %d bands, %d buckets per band, %d probes", n, resolved.hash,
+                        resolved.bands, resolved.buckets(n), resolved.probes)
+            if index is None:
+                index = LSHIndex(resolved, dim, fit_hash(indexed, n, dim, resolved))
+            elif index.dim != dim:
+                raise ValueError(f"knn: the LSH index was fitted on {index.dim}-d vectors, these have {dim}")
+            resolved = index.params
+            pairs = score_cell_rows(lsh_cell_rows(indexed, dim, index), dim, k, resolved.max_bucket_size,
+                                    resolved.seed, block_size, segments)
+            ranked = _top_up(indexed, merge_pairs(pairs, k, segments), n, k, dim, segments, block_size, block_rows,
+                             cached)
+        return _materialised(_named(ranked, indexed.select("idx", "article_id"), segments))
+    finally:
+        for df in cached:
+            df.unpersist()
+
+
+def _materialised(result: DataFrame) -> DataFrame:
+    """``result`` computed once and kept as a local checkpoint, so the caches it was computed
+    from can be unpersisted. The checkpoint's blocks (memory, spilling to disk) go when the
+    returned DataFrame is garbage-collected (Spark's ContextCleaner); nothing stays in the
+    session's cache for a caller to unpersist."""
+    return result.localCheckpoint(eager=True)
 
 
 def _named(ranked: DataFrame, names: DataFrame, segments: Segments) -> DataFrame:
@@ -1007,13 +1023,16 @@ def with_segment_scores(indexed: DataFrame, ranked: DataFrame, dim: int, segment
 
 
 def _top_up(indexed: DataFrame, ranked: DataFrame, n: int, k: int, dim: int, segments: Segments,
-            block_size: int, block_rows: int) -> DataFrame:
+            block_size: int, block_rows: int, cached: list[DataFrame]) -> DataFrame:
     """Exact search for the articles LSH left with fewer than ``min(k, n - 1)`` neighbours.
 
     Such articles share no bucket with enough others (outliers); :func:`exact_pairs` scans
     them against all vectors. A large share of them means the LSH parameters are too strict.
+    What it persists is appended to ``cached``: the caller unpersists it once the returned
+    lists are materialised.
     """
     ranked = ranked.persist()
+    cached.append(ranked)
     want = min(k, n - 1)
     counts = ranked.groupBy("idx").agg(F.count(F.lit(1)).alias("found"))
     short = (
@@ -1023,9 +1042,9 @@ def _top_up(indexed: DataFrame, ranked: DataFrame, n: int, k: int, dim: int, seg
         .select("idx", "vec")
         .persist()
     )
+    cached.append(short)
     n_short = short.count()
     if n_short == 0:
-        short.unpersist()
         return ranked
     logger.info("lsh: %d of %d articles had fewer than %d candidates; exact search for them", n_short, n, want)
     extra = exact_pairs(indexed, short, k, dim, block_size, block_rows, segments)
@@ -1040,13 +1059,13 @@ def fit_index(vectors: DataFrame, params: LSHParams = LSHParams()) -> LSHIndex:
         ValueError: invalid vectors (see :func:`prepare`), or an empty catalogue.
     """
     indexed, n, dim = prepare(vectors)
-    if n == 0:
+    try:
+        if n == 0:
+            raise ValueError("knn: cannot fit an LSH index on no vectors")
+        resolved = params.resolved(n)
+        return LSHIndex(resolved, dim, fit_hash(indexed, n, dim, resolved))
+    finally:
         indexed.unpersist()
-        raise ValueError("knn: cannot fit an LSH index on no vectors")
-    resolved = params.resolved(n)
-    index = LSHIndex(resolved, dim, fit_hash(indexed, n, dim, resolved))
-    indexed.unpersist()
-    return index
 
 
 def update_top_k(
@@ -1079,7 +1098,8 @@ def update_top_k(
         index: the hash functions ``previous`` was computed with.
 
     Returns:
-        The new top-``k`` table of every article in ``vectors``.
+        The new top-``k`` table of every article in ``vectors``, computed before the call
+        returns (a local checkpoint, as :func:`top_k`).
 
     Raises:
         ValueError: as :func:`top_k`, or an index of another dimension.
@@ -1087,13 +1107,26 @@ def update_top_k(
     if k < 1:
         raise ValueError(f"knn: k must be >= 1, got {k}")
     indexed, n, dim = prepare(vectors)
+    cached = [indexed]
+    try:
+        if n < 2:
+            return top_k(vectors, k, index=index, segments=segments)
+        if index.dim != dim:
+            raise ValueError(f"knn: the LSH index was fitted on {index.dim}-d vectors, these have {dim}")
+        return _materialised(_update(indexed, n, dim, previous, changed, k, index, segments, block_size, block_rows,
+                                     cached))
+    finally:
+        for df in cached:
+            df.unpersist()
+
+
+def _update(indexed: DataFrame, n: int, dim: int, previous: DataFrame, changed: DataFrame, k: int, index: LSHIndex,
+            segments: Segments, block_size: int, block_rows: int, cached: list[DataFrame]) -> DataFrame:
+    """The lists of :func:`update_top_k`, lazily; what it persists goes into ``cached``."""
     names = indexed.select("idx", "article_id")
-    if n < 2:
-        return top_k(vectors, k, index=index, segments=segments)
-    if index.dim != dim:
-        raise ValueError(f"knn: the LSH index was fitted on {index.dim}-d vectors, these have {dim}")
     want = min(k, n - 1)
     delta = changed.select("article_id").distinct().join(names, "article_id").select("idx").persist()
+    cached.append(delta)
     prev = previous.select("article_id", "neighbour_id", "score", "rank", *(["segment_scores"] if segments else []))
     # neighbours that changed (Δ) or left (not in vectors any more)
     stale = prev.join(delta.join(names, "idx").select(F.col("article_id").alias("neighbour_id")), "neighbour_id", "left_semi")
@@ -1108,6 +1141,7 @@ def update_top_k(
         .persist()
     )
     rows = lsh_cell_rows(indexed, dim, index).persist()
+    cached.extend([affected, rows])
     in_a = rows.join(affected.withColumn("a", F.lit(True)), "idx", "left").withColumn("a", F.coalesce("a", F.lit(False)))
     in_ad = in_a.join(delta.withColumn("d", F.lit(True)), "idx", "left").withColumn("d", F.coalesce("d", F.lit(False)))
     empty = F.array().cast("array<bigint>")
@@ -1135,7 +1169,7 @@ def update_top_k(
         .select("idx", "nidx", "score", *(["segment_scores"] if segments else []))
     )
     unaffected = merge_pairs(kept.unionByName(fresh.join(affected, "idx", "left_anti")), k, segments)
-    ranked = _top_up(indexed, full.unionByName(unaffected), n, k, dim, segments, block_size, block_rows)
+    ranked = _top_up(indexed, full.unionByName(unaffected), n, k, dim, segments, block_size, block_rows, cached)
     logger.info("lsh update: %d articles, %d changed, %d affected", n, delta.count(), affected.count())
     return _named(ranked, names, segments)
 
@@ -1154,26 +1188,25 @@ def recall_at_k(
         ``{"recall": r, "queries": q}``.
     """
     indexed, n, dim = prepare(vectors)
-    queries = (
-        indexed.orderBy(F.xxhash64("article_id", F.lit(seed)), "article_id").limit(sample).persist()
-    )
-    n_q = queries.count()
-    if n_q == 0 or n < 2:
+    queries = indexed.orderBy(F.xxhash64("article_id", F.lit(seed)), "article_id").limit(sample).persist()
+    try:
+        n_q = queries.count()
+        if n_q == 0 or n < 2:
+            return {"recall": float("nan"), "queries": float(n_q)}
+        truth = exact_pairs(indexed, queries, k, dim, 2048, 25_000)
+        names = indexed.select("idx", "article_id")
+        kth = truth.groupBy("idx").agg(F.min("score").alias("kth"), F.count(F.lit(1)).alias("possible"))
+        query_names = names.join(kth, "idx")
+        found = result.join(query_names, "article_id").where(F.col("score") >= F.col("kth") - 1e-6)
+        hits = found.groupBy("article_id").agg(F.count(F.lit(1)).alias("hits"))
+        per_query = query_names.join(hits, "article_id", "left").select(
+            (F.coalesce("hits", F.lit(0)) / F.col("possible")).alias("recall")
+        )
+        value = first_row(per_query.agg(F.avg("recall")))[0]
+        return {"recall": float(value), "queries": float(n_q)}
+    finally:
+        queries.unpersist()
         indexed.unpersist()
-        return {"recall": float("nan"), "queries": float(n_q)}
-    truth = exact_pairs(indexed, queries, k, dim, 2048, 25_000)
-    names = indexed.select("idx", "article_id")
-    kth = truth.groupBy("idx").agg(F.min("score").alias("kth"), F.count(F.lit(1)).alias("possible"))
-    query_names = names.join(kth, "idx")
-    found = result.join(query_names, "article_id").where(F.col("score") >= F.col("kth") - 1e-6)
-    hits = found.groupBy("article_id").agg(F.count(F.lit(1)).alias("hits"))
-    per_query = query_names.join(hits, "article_id", "left").select(
-        (F.coalesce("hits", F.lit(0)) / F.col("possible")).alias("recall")
-    )
-    value = first_row(per_query.agg(F.avg("recall")))[0]
-    queries.unpersist()
-    indexed.unpersist()
-    return {"recall": float(value), "queries": float(n_q)}
 
 
 def measure(started: float) -> float:

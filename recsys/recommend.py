@@ -88,9 +88,7 @@ def neighbours(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         ``category_precision_common_at_k``, ``probe_macro_f1``, ``probe_accuracy``; and
         ``common_articles``.
     """
-    db = cfg.data.database
     model_ids = current_model_ids(spark, cfg)
-    params = LSHParams(**cfg.knn.lsh.model_dump())
     report: dict[str, Any] = {"k": cfg.knn.k, "backend": cfg.knn.backend}
     base = sorted(m for m in model_ids if m != "fused")
     common = (
@@ -101,65 +99,78 @@ def neighbours(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         .select("article_id")
         .persist()
     )
-    report["common_articles"] = common.count()
-    for modality in cfg.knn.modalities:
-        if modality not in model_ids:
-            logger.info("neighbours %s: no vectors (modality off or not embedded), skipped", modality)
-            continue
-        started = time.perf_counter()
-        vectors = current_vectors(spark, cfg, {modality: model_ids[modality]}).select("article_id", "vector")
-        vectors = vectors.persist()
-        segments = fused_segments(spark, cfg, model_ids) if modality == "fused" else ()
-        result = top_k(vectors, cfg.knn.k, cfg.knn.backend, params, segments, cfg.knn.block_size,
-                       cfg.knn.exact_block_rows, MLlibParams(**cfg.knn.mllib.model_dump()))
-        names = F.array(*[F.lit(s[0]) for s in segments]) if segments else None
-        scores = (
-            F.map_filter(F.map_from_arrays(names, F.col("segment_scores")), lambda _k, v: ~F.isnan(v))  # type: ignore[arg-type]
-            if segments
-            else F.lit(None).cast("map<string,float>")
-        )
-        rows = result.select(
-            "article_id",
-            F.lit(modality).alias("modality"),
-            "rank",
-            "neighbour_id",
-            "score",
-            scores.alias("modality_scores"),
-            F.lit(run_id).alias("run_id"),
-        )
-        tables.replace(spark, db, tables.ITEM_NEIGHBOURS, rows, f"modality = '{modality}'")
-        seconds = time.perf_counter() - started
-        written = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
-        counts = tables.first_row(written.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles")))
-        n_vectors = vectors.count()
-        entry: dict[str, Any] = {
-            "vectors": n_vectors,
-            "articles": int(counts["articles"]),
-            "rows": int(counts["rows"]),
-            "seconds": round(seconds, 2),
-            "category_precision_at_k": round(category_precision(spark, cfg, written), 4),
-            "category_precision_common_at_k": round(
-                category_precision(spark, cfg, written.join(common, "article_id", "left_semi")), 4
-            ),
-        }
-        entry.update(linear_probe(spark, cfg, vectors.join(common, "article_id", "left_semi")))
-        if cfg.knn.recall_sample and cfg.knn.backend != "exact":
-            t0 = time.perf_counter()
-            r = recall_at_k(vectors, written, cfg.knn.k, cfg.knn.recall_sample)
-            entry["recall_at_k"] = round(r["recall"], 4)
-            entry["recall_queries"] = int(r["queries"])
-            entry["recall_seconds"] = round(time.perf_counter() - t0, 2)
-        vectors.unpersist()
-        report[modality] = entry
-        logger.info(
-            "neighbours %s: %d articles, %d rows, %.1f s, recall@%d %s, category precision@%d %.3f "
-            "(common articles %.3f), probe macro-F1 %s",
-            modality, entry["articles"], entry["rows"], seconds, cfg.knn.k, entry.get("recall_at_k", "n/a"),
-            cfg.knn.k, entry["category_precision_at_k"], entry["category_precision_common_at_k"],
-            entry.get("probe_macro_f1", "n/a"),
-        )
-    common.unpersist()
+    try:
+        report["common_articles"] = common.count()
+        for modality in cfg.knn.modalities:
+            if modality not in model_ids:
+                logger.info("neighbours %s: no vectors (modality off or not embedded), skipped", modality)
+                continue
+            vectors = current_vectors(spark, cfg, {modality: model_ids[modality]}).select("article_id", "vector").persist()
+            try:
+                report[modality] = _neighbours_of(spark, cfg, run_id, modality, vectors, common, model_ids)
+            finally:
+                vectors.unpersist()
+    finally:
+        common.unpersist()
     return report
+
+
+def _neighbours_of(
+    spark: SparkSession, cfg: Config, run_id: str, modality: str, vectors: DataFrame, common: DataFrame,
+    model_ids: dict[str, str],
+) -> dict[str, Any]:
+    """One modality of :func:`neighbours`: its lists into ``item_neighbours`` and its figures."""
+    db = cfg.data.database
+    params = LSHParams(**cfg.knn.lsh.model_dump())
+    started = time.perf_counter()
+    segments = fused_segments(spark, cfg, model_ids) if modality == "fused" else ()
+    result = top_k(vectors, cfg.knn.k, cfg.knn.backend, params, segments, cfg.knn.block_size,
+                   cfg.knn.exact_block_rows, MLlibParams(**cfg.knn.mllib.model_dump()))
+    names = F.array(*[F.lit(s[0]) for s in segments]) if segments else None
+    scores = (
+        F.map_filter(F.map_from_arrays(names, F.col("segment_scores")), lambda _k, v: ~F.isnan(v))  # type: ignore[arg-type]
+        if segments
+        else F.lit(None).cast("map<string,float>")
+    )
+    rows = result.select(
+        "article_id",
+        F.lit(modality).alias("modality"),
+        "rank",
+        "neighbour_id",
+        "score",
+        scores.alias("modality_scores"),
+        F.lit(run_id).alias("run_id"),
+    )
+    tables.replace(spark, db, tables.ITEM_NEIGHBOURS, rows, f"modality = '{modality}'")
+    seconds = time.perf_counter() - started
+    written = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
+    counts = tables.first_row(written.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles")))
+    n_vectors = vectors.count()
+    entry: dict[str, Any] = {
+        "vectors": n_vectors,
+        "articles": int(counts["articles"]),
+        "rows": int(counts["rows"]),
+        "seconds": round(seconds, 2),
+        "category_precision_at_k": round(category_precision(spark, cfg, written), 4),
+        "category_precision_common_at_k": round(
+            category_precision(spark, cfg, written.join(common, "article_id", "left_semi")), 4
+        ),
+    }
+    entry.update(linear_probe(spark, cfg, vectors.join(common, "article_id", "left_semi")))
+    if cfg.knn.recall_sample and cfg.knn.backend != "exact":
+        t0 = time.perf_counter()
+        r = recall_at_k(vectors, written, cfg.knn.k, cfg.knn.recall_sample)
+        entry["recall_at_k"] = round(r["recall"], 4)
+        entry["recall_queries"] = int(r["queries"])
+        entry["recall_seconds"] = round(time.perf_counter() - t0, 2)
+    logger.info(
+        "neighbours %s: %d articles, %d rows, %.1f s, recall@%d %s, category precision@%d %.3f "
+        "(common articles %.3f), probe macro-F1 %s",
+        modality, entry["articles"], entry["rows"], seconds, cfg.knn.k, entry.get("recall_at_k", "n/a"),
+        cfg.knn.k, entry["category_precision_at_k"], entry["category_precision_common_at_k"],
+        entry.get("probe_macro_f1", "n/a"),
+    )
+    return entry
 
 
 def recommend(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:

@@ -12,7 +12,9 @@ from pyspark.sql import functions as F
 from recsys import tables
 from recsys.customers import customer_top_k
 from recsys.evaluate import average_precision_at_k, evaluate_split, ranking_metrics, time_split
-from tests.conftest import test_config
+from tests.conftest import cache_is_empty, test_config, write_table
+
+pytestmark = pytest.mark.spark
 
 FILLER = [f"x{i:02d}" for i in range(20)]
 
@@ -117,24 +119,77 @@ def test_every_customer_gets_k_with_a_reason(spark) -> None:  # type: ignore[no-
 
 
 def test_evaluation_lists_do_not_see_the_validation_week(spark, warehouse: Path) -> None:  # type: ignore[no-untyped-def]
+    """Behaviour (ALS) and metadata vectors; the lists are rebuilt from the training weeks only,
+    and the leave-one-out lists leave out exactly one modality."""
+    db = "eval_leak"
     cfg = test_config(
-        warehouse, "eval_leak", "text.enabled=false", "image.enabled=false", "metadata.enabled=false",
-        "behaviour.min_purchases=1", "behaviour.max_iter=5", "evaluate.leave_one_out=false",
+        warehouse, db, "text.enabled=false", "image.enabled=false",
+        "behaviour.min_purchases=1", "behaviour.max_iter=5", "evaluate.leave_one_out=true",
     )
-    tables.ensure_tables(spark, cfg.data.database)  # type: ignore[attr-defined]
+    tables.ensure_tables(spark, db)  # type: ignore[attr-defined]
+    # content vectors for p00..p29 (q00 has none): one-hot of the article number mod 5
+    write_table(spark, db, tables.ITEM_EMBEDDINGS, spark.createDataFrame(
+        [(f"p{i:02d}", "metadata", "meta-1", [1.0 if j == i % 5 else 0.0 for j in range(5)], 5, "h", "r0")
+         for i in range(30)], tables.ITEM_EMBEDDINGS.schema))
     tx = purchases(spark)
     customers = tx.select("customer_id").distinct()
     articles = tx.select("article_id").distinct().withColumn("category_l3", F.substring("article_id", 1, 1))
+    write_table(spark, db, tables.ARTICLES, articles)  # the current catalogue, whose vectors count
+    spark.catalog.clearCache()
     report, predictions = evaluate_split(spark, cfg, tx, customers, articles)  # type: ignore[arg-type]
     first = {name: sorted(map(tuple, df.collect())) for name, df in predictions.items()}
-    assert set(report["ranking"]) >= {"recsys", "popular", "bought_together", "behaviour"}
+    for df in predictions.values():
+        df.unpersist()
+    assert cache_is_empty(spark)  # nothing else stays cached
+    assert set(report["ranking"]) == {"recsys", "popular", "bought_together", "fused_without_behaviour",
+                                      "fused_without_metadata", "behaviour", "metadata"}
+    assert set(report["items"]) == set(report["ranking"]) - {"recsys", "popular"} | {"fused"}
+    # leaving one of two modalities out is the other alone
+    strip = lambda rows: [(c, r, a) for c, r, a, _, _ in rows]  # noqa: E731
+    assert strip(first["fused_without_metadata"]) == strip(first["behaviour"])
+    assert strip(first["fused_without_behaviour"]) == strip(first["metadata"])
+    assert strip(first["recsys"]) not in (strip(first["behaviour"]), strip(first["metadata"]))
     assert report["split"]["validation_customers"] == report["ranking"]["recsys"]["customers"] > 0
     # q00 was only bought in the validation week: no list may hold it
     assert all(a != "q00" for rows in first.values() for _, _, a, _, _ in rows)
     # changing what was bought in the validation week changes the scores, never the lists
     split = time_split(tx, 7)
     moved = split.train.unionByName(split.validation.withColumn("article_id", F.lit("p00")))
-    report2, predictions2 = evaluate_split(spark, cfg, moved, customers, articles)  # type: ignore[arg-type]
+    without = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"leave_one_out": False})})  # type: ignore[attr-defined]
+    report2, predictions2 = evaluate_split(spark, without, moved, customers, articles)  # type: ignore[arg-type]
     second = {name: sorted(map(tuple, df.collect())) for name, df in predictions2.items()}
-    assert second == first
+    for df in predictions2.values():
+        df.unpersist()
+    assert set(second) == {"recsys", "popular", "bought_together", "behaviour", "metadata"}
+    assert second == {name: rows for name, rows in first.items() if name in second}
     assert report2["ranking"]["popular"]["map_at_k"] != report["ranking"]["popular"]["map_at_k"]
+
+
+def test_customers_stage_checks_before_it_commits(spark, warehouse: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A run whose lists fail the 12-per-customer check leaves the published table untouched."""
+    from delta.tables import DeltaTable
+
+    from recsys import customers as customers_module
+
+    db = "customers_commit"
+    cfg = test_config(warehouse, db)
+    tables.ensure_tables(spark, db)
+    tx = purchases(spark)
+    write_table(spark, db, tables.TRANSACTIONS, tx.withColumn("row_number", F.monotonically_increasing_id()))
+    write_table(spark, db, tables.CUSTOMERS, spark.createDataFrame([(f"cust{c:02d}",) for c in range(40)], "customer_id string"))
+    write_table(spark, db, tables.ARTICLES, tx.select("article_id").distinct())
+    write_table(spark, db, tables.ITEM_RECOMMENDATIONS, spark.createDataFrame(
+        [(f"p{i:02d}", 1, f"p{(i + 1) % 30:02d}", 0.9) for i in range(30)], "article_id string, rank int, recommended_id string, score float"))
+    report = customers_module.recommend_customers(spark, cfg, "c1")  # type: ignore[arg-type]
+    assert (report["customers"], report["rows"], report["customers_short"]) == (40, 480, 0)
+    published = tables.read(spark, db, tables.CUSTOMER_RECOMMENDATIONS)
+    before = sorted(map(tuple, published.collect()))
+    version = DeltaTable.forName(spark, f"{db}.customer_recommendations").history(1).first()["version"]
+
+    honest = customers_module.customer_top_k
+    monkeypatch.setattr(customers_module, "customer_top_k", lambda *args, **kwargs: honest(*args, **kwargs).where(
+        ~((F.col("customer_id") == "cust05") & (F.col("rank") == 12))))
+    with pytest.raises(RuntimeError, match="0 customers got no list and 1 fewer than 12; .* left as it was"):
+        customers_module.recommend_customers(spark, cfg, "c2")  # type: ignore[arg-type]
+    assert DeltaTable.forName(spark, f"{db}.customer_recommendations").history(1).first()["version"] == version
+    assert sorted(map(tuple, tables.read(spark, db, tables.CUSTOMER_RECOMMENDATIONS).collect())) == before

@@ -8,6 +8,7 @@ from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, Str
 
 from recsys.knn import LSHParams, exact_top_k, fit_index, recall_at_k, top_k, update_top_k
 from recsys.knn_mllib import MLlibParams
+from tests.conftest import cache_is_empty
 from tests.unit.test_knn_kernels import clustered
 
 pytestmark = pytest.mark.spark
@@ -169,3 +170,25 @@ def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignor
     gained = sum(any(int(n[1:]) >= 1400 for _, n, _ in full[a]) for a in unchanged)
     lost = sum(any(200 <= int(n[1:]) < 230 for _, n, _ in old_lists[a]) for a in unchanged)
     assert gained > 0 and lost > 0, (gained, lost)
+
+
+def test_no_cache_outlives_a_call(spark) -> None:  # type: ignore[no-untyped-def]
+    """top_k (lsh with an exact top-up, and exact), update_top_k, fit_index and recall_at_k
+    unpersist what they cached; their results stay usable after the caches are gone."""
+    v = clustered(200, 8, 20, seed=13, spread=0.5)
+    df = frame(spark, v)
+    spark.catalog.clearCache()
+    # one probe into small buckets leaves some articles short: the exact top-up runs too
+    lsh = top_k(df, 5, params=LSHParams(target_bucket_size=10, probes=1, seed=2))
+    assert cache_is_empty(spark)
+    assert lsh.count() == 200 * 5
+    assert top_k(df, 5, backend="exact").count() == 200 * 5
+    assert cache_is_empty(spark)
+    index = fit_index(df, LSHParams(target_bucket_size=20, probes=3, seed=2))
+    assert cache_is_empty(spark)
+    changed = spark.createDataFrame([(f"a{i:05d}",) for i in range(10)], "article_id string")
+    updated = update_top_k(df, top_k(df, 5, index=index), changed, 5, index)
+    assert cache_is_empty(spark)
+    assert updated.count() == 200 * 5
+    assert recall_at_k(df, updated, 5, sample=20)["queries"] == 20
+    assert cache_is_empty(spark)
