@@ -207,7 +207,7 @@ def train(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         logger.info("train: skipped, checkpoint %s already fits this recipe and these images", latest["model_id"])
         return {"skipped": "checkpoint is current", "model_id": latest["model_id"], **latest.get("metrics", {})}
     started = time.perf_counter()
-    frame = frame.withColumn("holdout", holdout_column(F.col("group"), cfg.train.seed, cfg.train.holdout))
+    cached, frame = frame, frame.withColumn("holdout", holdout_column(F.col("group"), cfg.train.seed, cfg.train.holdout))
     counts = {r["label"]: int(r["n"]) for r in frame.where(~F.col("holdout")).groupBy("label").agg(F.count(F.lit(1)).alias("n")).collect()}
     kept = sorted(c for c, n in counts.items() if n >= cfg.train.min_class_count)
     classes = kept + ([OTHER] if len(kept) < len(counts) or not kept else [])
@@ -235,8 +235,10 @@ def train(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         n_images, n_train, n_holdout, len(classes), cfg.train.label, cfg.image.arch, cfg.image.height,
         cfg.image.width, cfg.train.epochs,
     )
-    result = _fit(spark, cfg, train_df, holdout_df, classes, class_counts, n_train)
-    frame.unpersist()
+    try:
+        result = _fit(spark, cfg, train_df, holdout_df, classes, class_counts, n_train)
+    finally:
+        cached.unpersist()
     seconds = time.perf_counter() - started
     checkpoint = _save(cfg, classes, recipe, result, run_id, n_train, n_holdout)
     report = {

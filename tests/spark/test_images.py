@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from pyspark.sql import functions as F
 from recsys import tables
 from recsys.encoders.image import load_backbone, read_checkpoint
 from recsys.pipeline import run
-from tests.conftest import REPO, test_config
+from recsys.training import holdout_column
+from tests import reference
+from tests.conftest import REPO, cache_is_empty, test_config
 
 pytestmark = pytest.mark.spark
 
@@ -64,7 +67,9 @@ def test_bad_images_are_quarantined_and_articles_keep_their_other_modalities(spa
         warehouse, db, f"data.path={tmp_path / 'fp'}", "text.enabled=false", "image.weights=none",
         "image.max_pixels=10000", "image.height=64", "image.width=48",
     )
+    spark.catalog.clearCache()
     report = run(spark, cfg, "r1", ("ingest", "train", "embed"))
+    assert cache_is_empty(spark)  # what the stages cached while writing item_embeddings is gone
     image = report["embed"]["image"]
     assert report["train"] == {"skipped": "image.weights is not 'trained'", "seconds": report["train"]["seconds"]}
     assert (image["articles_with_image"], image["missing_files"], image["quarantined"], image["embedded"]) == (N - 1, 0, 4, N - 5)
@@ -103,18 +108,34 @@ def test_petastorm_training_lowers_the_loss_and_its_checkpoint_serves_embeddings
         "image.height=64", "image.width=48", "train.epochs=10", "train.min_class_count=5", "train.batch_size=16",
         f"train.output_dir={models}",
     )
+    spark.catalog.clearCache()
     report = run(spark, cfg, "t1", ("ingest", "train", "embed"))
+    assert cache_is_empty(spark)  # the labelled images the train stage cached are unpersisted
     trained = report["train"]
     assert trained["images"] == 119  # one article has no image file
     assert trained["unreadable_images"] > 0  # the spoilt files are masked out of the loss, not fatal
     assert trained["train_images"] + trained["holdout_images"] == 119 and trained["holdout_images"] > 0
     losses = trained["epoch_loss"]
     assert len(losses) == 10 and losses[-1] < losses[0] - 0.1, losses
-    assert 0.0 <= trained["holdout_accuracy"] <= 1.0 and 0.0 <= trained["holdout_macro_f1"] <= 1.0
 
     checkpoint = read_checkpoint(trained["checkpoint"])
     assert checkpoint["arch"] == "mobilenet_v3_small" and checkpoint["metrics"]["holdout_macro_f1"] == trained["holdout_macro_f1"]
-    assert "other" in checkpoint["classes"] or len(checkpoint["classes"]) >= 2
+    # the classes and held-out scores, recounted here from styles.csv, the files and the checkpoint
+    labels = {line.split(",")[0]: line.split(",")[3] for line in (tmp_path / "fp" / "styles.csv").read_text().splitlines()[1:]}
+    with_file = sorted(a for a in labels if (tmp_path / "fp" / "images" / f"{a}.jpg").exists())
+    held_out = {r["g"] for r in spark.createDataFrame([(a,) for a in with_file], "g string")
+                .where(holdout_column(F.col("g"), cfg.train.seed, cfg.train.holdout)).collect()}  # type: ignore[attr-defined]
+    counts = Counter(labels[a] for a in with_file if a not in held_out)
+    kept = sorted(c for c, n in counts.items() if n >= 5)
+    assert checkpoint["classes"] == kept + (["other"] if len(kept) < len(counts) else [])
+    index = {c: i for i, c in enumerate(checkpoint["classes"])}
+    ids = sorted(held_out)
+    accuracy, macro, scored = reference.classifier_scores(
+        trained["checkpoint"], [(tmp_path / "fp" / "images" / f"{a}.jpg").read_bytes() for a in ids],
+        [index.get(labels[a], index.get("other", -1)) for a in ids], max_pixels=10_000)
+    assert trained["holdout_images"] == len(ids) and scored > 0
+    assert (trained["holdout_accuracy"], trained["holdout_macro_f1"]) == (pytest.approx(accuracy, abs=1e-4),
+                                                                         pytest.approx(macro, abs=1e-4))
     latest = json.loads((models / "image" / "latest-mobilenet_v3_small.json").read_text())
     assert latest["model_id"] == trained["model_id"] and Path(latest["checkpoint"]).is_file()
     backbone = load_backbone("mobilenet_v3_small", trained["checkpoint"])
