@@ -218,6 +218,7 @@ class EvaluateConfig(_Section):
     validation_days: int = Field(7, ge=1, le=10_000)
     copurchase_days: int = Field(7, ge=0, le=10_000)
     leave_one_out: bool = True
+    each_modality: bool = True
     report_dir: str = "reports"
     tsne_sample: int = Field(3000, ge=0, le=100_000)
     strips: int = Field(8, ge=0, le=1000)

@@ -22,7 +22,7 @@ of the means, as in the competition):
 
 Systems: ``recsys`` (fused lists, as served), ``popular`` (last-week popularity for everyone),
 ``bought_together`` (co-purchase counts as item lists, no repurchase), ``fused_without_<m>``
-(leave-one-out) and each single modality.
+(leave-one-out, ``evaluate.leave_one_out``) and each single modality (``evaluate.each_modality``).
 
 Item-to-item quality per list: category precision@K (share of neighbours with the article's
 product type) and co-purchase hit rate@K: over ordered pairs (a, b) of different articles
@@ -346,8 +346,9 @@ def _evaluate_split(
         if cfg.evaluate.leave_one_out and len(weights) > 1:
             for m in sorted(weights):
                 variants[f"fused_without_{m}"] = {x: w for x, w in weights.items() if x != m}
-    for m in present:
-        variants.setdefault(m, {m: 1.0})
+    if cfg.evaluate.each_modality or not weights:
+        for m in present:
+            variants.setdefault(m, {m: 1.0})
     lsh = LSHParams(**cfg.knn.lsh.model_dump())
     mllib = MLlibParams(**cfg.knn.mllib.model_dump())
     for name, mix in variants.items():

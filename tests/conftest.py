@@ -1,4 +1,13 @@
-"""Shared fixtures: one small local Spark session (Delta on) for the whole test run."""
+"""Shared fixtures: one small local Spark session (Delta on) per test process, kept as it was.
+
+- ``spark``: ``local[2]``, 2 shuffle partitions, UI off, Delta on, warehouse under a tmp dir.
+  Under pytest-xdist every worker has its own; they start one after the other (a file lock),
+  so two JVMs never resolve the Delta jars into the Ivy cache at once.
+- Every test that uses ``spark`` gets the session's runtime settings back as they were
+  (an autouse fixture), whatever the test or the code under it set.
+- ``hm_data()``: the H&M folder under ``../shared/data``; without it the e2e tier skips with
+  the reason, except under CI (``CI`` set), where it fails: CI must run the end-to-end tests.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +27,10 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def spark(warehouse: Path) -> Iterator[object]:
+def spark(warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """``local[2]``, 2 shuffle partitions, UI off, Delta on, warehouse under a tmp dir."""
+    from filelock import FileLock
+
     from recsys.config import load_config
     from recsys.session import build_spark
 
@@ -30,12 +41,44 @@ def spark(warehouse: Path) -> Iterator[object]:
             "spark.shuffle_partitions=2",
             "spark.driver_memory=3g",
             f"spark.warehouse_dir={warehouse}",
-            "spark.conf={spark.ui.enabled: 'false', spark.sql.adaptive.coalescePartitions.enabled: 'true'}",
+            # Delta rebuilds a table's snapshot with 50 tasks by default: for the tests' small
+            # tables that is most of a commit's time (measured: a tiny ingest 48 s -> 21 s)
+            "spark.conf={spark.ui.enabled: 'false', spark.sql.adaptive.coalescePartitions.enabled: 'true', "
+            "spark.databricks.delta.snapshotPartitions: '2'}",
         ],
     )
-    session = build_spark(cfg)
+    # the basetemp's parent is shared by all xdist workers of this run
+    with FileLock(str(tmp_path_factory.getbasetemp().parent / "spark-start.lock")):
+        session = build_spark(cfg)
     yield session
     session.stop()
+
+
+def runtime_settings(session: object) -> dict[str, str]:
+    """The session's runtime configuration (``spark.conf.getAll``)."""
+    return dict(session.conf.getAll)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+def _spark_settings_restored(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Give the shared session its settings back after every test that uses it."""
+    if "spark" not in request.fixturenames:
+        yield
+        return
+    session = request.getfixturevalue("spark")
+    before = runtime_settings(session)
+    yield
+    after = runtime_settings(session)
+    for key in after.keys() - before.keys():
+        session.conf.unset(key)  # type: ignore[attr-defined]
+    for key, value in before.items():
+        if after.get(key) != value:
+            session.conf.set(key, value)  # type: ignore[attr-defined]
+
+
+def cache_is_empty(session: object) -> bool:
+    """True when the session's cache (``DataFrame.persist``) holds nothing."""
+    return bool(session._jsparkSession.sharedState().cacheManager().isEmpty())  # type: ignore[attr-defined]
 
 
 def test_config(warehouse: Path, database: str, *overrides: str) -> object:
@@ -58,9 +101,26 @@ def test_config(warehouse: Path, database: str, *overrides: str) -> object:
 test_config.__test__ = False  # type: ignore[attr-defined]
 
 
+def write_table(spark: object, database: str, spec: object, df: object) -> None:
+    """``df``'s columns into the table ``spec`` (a :class:`recsys.tables.TableSpec`), replacing it;
+    the table's other columns are null."""
+    from pyspark.sql import functions as F
+
+    from recsys import tables
+
+    for f in spec.schema.fields:  # type: ignore[attr-defined]
+        if f.name not in df.columns:  # type: ignore[attr-defined]
+            df = df.withColumn(f.name, F.lit(None).cast(f.dataType))  # type: ignore[attr-defined]
+    tables.replace(spark, database, spec, df, "true")  # type: ignore[arg-type]
+
+
 def hm_data() -> Path:
-    """The H&M folder under ../shared/data, or skip with the reason."""
+    """The H&M folder under ../shared/data; skip with the reason when it is absent, but fail
+    under CI (``CI`` set), where a skipped end-to-end tier would pass unseen."""
     path = SHARED_DATA / "hm"
     if not (path / "articles.csv").is_file():
-        pytest.skip(f"H&M data not found at {path} (set RECSYS_SHARED_DATA or put ../shared/data beside the repo)")
+        reason = f"H&M data not found at {path} (set RECSYS_SHARED_DATA or put ../shared/data beside the repo)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and the end-to-end tier cannot run: {reason}", pytrace=False)
+        pytest.skip(reason)
     return path

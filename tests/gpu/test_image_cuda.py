@@ -26,12 +26,16 @@ def test_cuda_image_embeddings_match_cpu() -> None:
     assert float(np.min(np.sum(a * b, axis=1))) > 0.99  # bf16 autocast stays close
 
 
-def test_image_udf_runs_on_the_gpu(spark) -> None:  # type: ignore[no-untyped-def]
+def test_image_udf_runs_on_the_gpu_and_matches_cpu(spark) -> None:  # type: ignore[no-untyped-def]
+    from recsys.encoders.image import embed_images, load_image_model
     from recsys.inference import ImageEmbedderSpec, make_image_embedder
 
     spec = ImageEmbedderSpec("resnet50", "none", 224, 224, batch_size=32, seed=5)
     df = spark.createDataFrame([(p.stem, p.read_bytes()) for p in IMAGES] + [("bad", b"")], "article_id string, content binary")
     rows = df.select("article_id", make_image_embedder(spec)("content").alias("r")).collect()
-    good = [r for r in rows if r["article_id"] != "bad"]
-    assert all(r["r"]["error"] is None and len(r["r"]["vector"]) == 2048 for r in good)
+    good = {r["article_id"]: r["r"] for r in rows if r["article_id"] != "bad"}
+    assert all(r["error"] is None and len(r["vector"]) == 2048 for r in good.values())
     assert [r["r"]["error"] for r in rows if r["article_id"] == "bad"] == ["empty file (0 bytes)"]
+    cpu, _ = embed_images(load_image_model("resnet50", "none", 224, 224, "cpu", seed=5), [p.read_bytes() for p in IMAGES], 32)
+    udf = np.array([good[p.stem]["vector"] for p in IMAGES], dtype=np.float32)
+    assert float(np.min(np.sum(np.stack(cpu) * udf, axis=1))) > 0.99  # the UDF's CUDA vectors are the CPU ones
