@@ -24,6 +24,7 @@ CASES = [
     ("c2", ["x00", "x01", "c", *FILLER[2:11]], ["c"]),  # fewer than 12 relevant
     ("c3", FILLER[:12], ["d", "e"]),  # no hit
     ("c4", FILLER[:12], []),  # no purchase in the validation week: not scored
+    ("c5", FILLER[:12], FILLER[:14]),  # 14 relevant, all 12 ranks hit: AP@12 divides by min(14, 12)
 ]
 
 
@@ -36,14 +37,14 @@ def test_ranking_metrics_match_hand_computed_values(spark) -> None:  # type: ign
         [(c, a) for c, _, bought in CASES for a in bought], "customer_id string, article_id string"
     )
     got = ranking_metrics(predictions, actual, 12, catalogue_size=100)
-    # by hand: AP = (1 + 2/3)/2, 1/3, 0 over the three customers who bought something
-    assert got["customers"] == 3
-    assert got["map_at_k"] == pytest.approx(((1 + 2 / 3) / 2 + 1 / 3 + 0) / 3)
+    # by hand: AP = (1 + 2/3)/2, 1/3, 0 and 12/12 over the four customers who bought something
+    assert got["customers"] == 4
+    assert got["map_at_k"] == pytest.approx(((1 + 2 / 3) / 2 + 1 / 3 + 0 + 1) / 4)
     reference = [average_precision_at_k(b, p) for _, p, b in CASES if b]
     assert got["map_at_k"] == pytest.approx(sum(reference) / len(reference))
-    assert got["recall_at_k"] == pytest.approx((1 + 1 + 0) / 3)
+    assert got["recall_at_k"] == pytest.approx((1 + 1 + 0 + 12 / 14) / 4)
     ideal_two = 1 + 1 / 1.584962500721156  # 1/log2(2) + 1/log2(3)
-    assert got["ndcg_at_k"] == pytest.approx(((1 + 0.5) / ideal_two + 0.5 + 0) / 3)
+    assert got["ndcg_at_k"] == pytest.approx(((1 + 0.5) / ideal_two + 0.5 + 0 + 1) / 4)
     distinct = {a for _, preds, _ in CASES for a in preds[:12]}
     assert got["coverage"] == pytest.approx(len(distinct) / 100)
 
