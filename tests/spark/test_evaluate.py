@@ -11,7 +11,8 @@ from pyspark.sql import functions as F
 
 from recsys import tables
 from recsys.customers import customer_top_k
-from recsys.evaluate import average_precision_at_k, evaluate_split, ranking_metrics, time_split
+from recsys.evaluate import average_precision_at_k, evaluate_split, item_metrics, ranking_metrics, time_split
+from tests import reference as reference_lists
 from tests.conftest import cache_is_empty, test_config, write_table
 
 pytestmark = pytest.mark.spark
@@ -47,6 +48,21 @@ def test_ranking_metrics_match_hand_computed_values(spark) -> None:  # type: ign
     assert got["ndcg_at_k"] == pytest.approx(((1 + 0.5) / ideal_two + 0.5 + 0 + 1) / 4)
     distinct = {a for _, preds, _ in CASES for a in preds[:12]}
     assert got["coverage"] == pytest.approx(len(distinct) / 100)
+
+
+def test_item_metrics_match_hand_computed_values(spark) -> None:  # type: ignore[no-untyped-def]
+    """Category precision@2 and co-purchase hit rate@2; rank 3 is past the cut-off."""
+    lists = spark.createDataFrame(
+        [("a", 1, "b"), ("a", 2, "c"), ("a", 3, "d"), ("b", 1, "a"), ("b", 2, "d")],
+        "article_id string, rank int, neighbour_id string")
+    categories = {"a": "X", "b": "X", "c": "Y", "d": "X"}
+    pairs = [("u1", "a", "c"), ("u1", "a", "d"), ("u2", "b", "d"), ("u2", "c", "a")]
+    got = item_metrics(lists, spark.createDataFrame(pairs, "customer_id string, article_id string, neighbour_id string"),
+                       spark.createDataFrame(list(categories.items()), "article_id string, category string"), 2)
+    # by hand: a-b, a-c, b-a, b-d -> 3 of 4 share a category; a->c and b->d hit, a->d (rank 3) and c->a miss
+    assert got == {"category_precision_at_k": 0.75, "copurchase_hit_rate_at_k": 0.5, "articles": 2}
+    assert (got["category_precision_at_k"], got["copurchase_hit_rate_at_k"]) == reference_lists.list_metrics(
+        {"a": ["b", "c"], "b": ["a", "d"]}, categories, set(pairs))
 
 
 def test_ranking_metrics_count_a_repeated_prediction_once(spark) -> None:  # type: ignore[no-untyped-def]
