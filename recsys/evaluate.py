@@ -51,6 +51,7 @@ from recsys.embed import current_vectors, fuse_vectors
 from recsys.knn import LSHParams, top_k
 from recsys.knn_mllib import MLlibParams
 from recsys.recommend import current_model_ids
+from recsys.runs import flatten_report
 
 logger = logging.getLogger(__name__)
 
@@ -390,7 +391,6 @@ def evaluate(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     report, predictions = evaluate_split(spark, cfg, transactions, customers, articles)
     for df in predictions.values():
         df.unpersist()
-    from recsys.pipeline import flatten_report
     from recsys.report import write_report
 
     figures: dict[str, float] = {}

@@ -10,7 +10,6 @@ stage) goes to ``runs``, and every numeric figure in it to ``metrics``.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +17,6 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import DoubleType, StringType, StructField, StructType
 
 from recsys import tables
 from recsys.behaviour import embed_behaviour
@@ -28,6 +26,7 @@ from recsys.embed import embed_image, embed_metadata, embed_text, fuse
 from recsys.evaluate import evaluate
 from recsys.ingest import ingest
 from recsys.recommend import current_model_ids, neighbours, recommend
+from recsys.runs import record_run
 from recsys.training import resolve_image_weights, train
 
 logger = logging.getLogger(__name__)
@@ -83,51 +82,6 @@ STAGE_FUNCTIONS: dict[str, Callable[[SparkSession, Config, str], dict[str, Any]]
     "customers": recommend_customers,
     "evaluate": evaluate,
 }
-
-
-def flatten_report(prefix: str, value: Any, out: dict[str, float]) -> None:
-    """Every number in a (nested) stage report into ``out`` as ``prefix.key.subkey: value``;
-    lists of ``{source: ...}`` entries are keyed by the source's file name."""
-    if isinstance(value, bool):
-        out[prefix] = float(value)
-    elif isinstance(value, (int, float)):
-        out[prefix] = float(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            flatten_report(f"{prefix}.{key}", item, out)
-    elif isinstance(value, list):
-        for item in value:
-            if isinstance(item, dict) and "source" in item:
-                name = str(item["source"]).rstrip("/").rsplit("/", 1)[-1]
-                flatten_report(f"{prefix}.{name}", {k: v for k, v in item.items() if k != "source"}, out)
-
-
-def record_run(
-    spark: SparkSession, cfg: Config, run_id: str, stages: Sequence[str], started: dt.datetime,
-    status: str, report: dict[str, Any],
-) -> None:
-    """Upsert the run into ``runs`` and its numeric figures into ``metrics``."""
-    db = cfg.data.database
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    run = spark.createDataFrame(
-        [(run_id, started, now, status, ",".join(stages), cfg.model_dump_json(), json.dumps(report, default=str))],
-        "run_id string, started_at timestamp, ended_at timestamp, status string, stages string, config string, report string",
-    )
-    tables.merge(spark, db, tables.RUNS, run)
-    figures: dict[str, float] = {}
-    for stage, value in report.items():
-        flatten_report(stage, value, figures)
-    if figures:
-        schema = StructType(
-            [StructField("name", StringType()), StructField("value", DoubleType()), StructField("stage", StringType())]
-        )
-        rows = [(name, value, name.split(".", 1)[0]) for name, value in sorted(figures.items())]
-        metrics = spark.createDataFrame(rows, schema).select(
-            F.lit(run_id).alias("run_id"), "name", "value", "stage",
-            F.lit("recorded by the pipeline from the stage report").alias("detail"),
-            F.current_timestamp().alias("recorded_at"),
-        )
-        tables.merge(spark, db, tables.METRICS, metrics)
 
 
 def run(spark: SparkSession, cfg: Config, run_id: str, stages: Sequence[str] = STAGES) -> dict[str, Any]:
