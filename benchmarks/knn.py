@@ -7,8 +7,7 @@ one table per dataset:
 * ``lsh``: the library's LSH, candidates from buckets re-scored exactly (``--lsh KEY=VALUE,...``
   gives one row per set of ``LSHParams``; default ``LSHParams()``);
 * ``mllib``: Spark MLlib's ``BucketedRandomProjectionLSH`` (``--mllib-bucket-length`` and
-  ``--mllib-tables`` lists: one row per combination), run only when ``recsys.knn`` (or
-  ``recsys.knn_mllib``, where that backend lives) exports ``MLlibParams``.
+  ``--mllib-tables`` lists: one row per combination; ``recsys.knn.mllib``).
 
 Datasets:
 
@@ -453,18 +452,6 @@ def goals(dataset: str, rows: list[Row], k: int) -> list[str]:
 # ---------------------------------------------------------------- main
 
 
-def mllib_params_class() -> type | None:
-    """``MLlibParams`` from ``recsys.knn`` (or ``recsys.knn_mllib``, where the mllib backend
-    lives), ``None`` when neither has it."""
-    from recsys import knn
-
-    found = getattr(knn, "MLlibParams", None)
-    if found is None:
-        try:
-            from recsys.knn_mllib import MLlibParams as found
-        except ImportError:
-            return None
-    return found if isinstance(found, type) else None
 
 
 def warm_python_workers(spark: SparkSession) -> None:
@@ -483,7 +470,6 @@ def benchmark(
     metrics = StageMetrics(spark)
     warm_python_workers(spark)
     lsh_params = [knn.LSHParams(**parse_params(p)) for p in args.lsh] or [knn.LSHParams()]
-    mllib_class = mllib_params_class()
     rows: list[Row] = []
     lsh_seconds: float | None = None
     for backend in (b for b in BACKENDS if b in args.backends):
@@ -503,16 +489,13 @@ def benchmark(
                 if lsh_seconds is None and row.seconds is not None:
                     lsh_seconds = row.seconds
         else:
-            if mllib_class is None:
-                rows.append(Row("mllib", "-", skipped="recsys.knn exports no MLlibParams yet"))
-                continue
             limit = args.limit_seconds
             if limit is None:
                 limit = max(MIN_MLLIB_LIMIT, 10 * lsh_seconds) if lsh_seconds else NO_LSH_MLLIB_LIMIT
             combos = list(itertools.product(args.mllib_bucket_length or [None], args.mllib_tables or [None]))
             for bucket_length, tables in combos:
                 kwargs = {"bucket_length": bucket_length, "num_hash_tables": tables}
-                m = mllib_class(**{key: v for key, v in kwargs.items() if v is not None})
+                m = knn.MLlibParams(**{key: v for key, v in kwargs.items() if v is not None})
                 row = Row("mllib", describe(m))
                 length = getattr(m, "length", None)
                 if callable(length):

@@ -48,8 +48,7 @@ from recsys.behaviour import als_item_vectors
 from recsys.config import Config
 from recsys.customers import customer_top_k
 from recsys.embed import current_vectors, fuse_vectors
-from recsys.knn import LSHParams, top_k
-from recsys.knn_mllib import MLlibParams
+from recsys.knn import LSHParams, MLlibParams, top_k
 from recsys.recommend import current_model_ids
 from recsys.runs import flatten_report
 

@@ -15,8 +15,7 @@ from recsys.config import Config
 from recsys.embed import current_vectors
 from recsys.encoders.text import model_id as text_model_id
 from recsys.encoders.text import resolve_model_path
-from recsys.knn import LSHParams, recall_at_k, top_k
-from recsys.knn_mllib import MLlibParams
+from recsys.knn import LSHParams, MLlibParams, recall_at_k, top_k
 from recsys.quality import linear_probe
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
+    BinaryType,
     DateType,
     DoubleType,
     FloatType,
@@ -225,6 +226,25 @@ METRICS = TableSpec(
     comment="Counts, timings and quality figures per run.",
 )
 
+LSH_INDEX = TableSpec(
+    "lsh_index",
+    StructType(
+        [
+            _f("modality", S, "vector space the index hashes", False),
+            _f("index_id", S, "lsh@<sha256 of params and hash functions>: changes when the index is refitted", False),
+            _f("model_id", S, "model of the vectors the index was fitted on"),
+            _f("dim", IntegerType(), "vector length"),
+            _f("params", S, "LSHParams and fitted sizes (bands, cells, groups, probes), JSON"),
+            _f("hash_functions", BinaryType(), "numpy .npz: centroids per band or hyperplanes, and cell groups"),
+            _f("articles", LongType(), "vectors the index was fitted on"),
+            _f("fitted_at", TS, "when it was fitted"),
+            _f("run_id", S, "run that fitted it"),
+        ]
+    ),
+    key=("modality",),
+    comment="The fitted LSH index per modality, reused by later runs until it is refitted.",
+)
+
 ALL_TABLES: tuple[TableSpec, ...] = (
     ARTICLES,
     CUSTOMERS,
@@ -236,6 +256,7 @@ ALL_TABLES: tuple[TableSpec, ...] = (
     CUSTOMER_RECOMMENDATIONS,
     RUNS,
     METRICS,
+    LSH_INDEX,
 )
 
 

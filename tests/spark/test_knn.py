@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
-from recsys.knn import LSHParams, exact_top_k, fit_index, recall_at_k, top_k, update_top_k
-from recsys.knn_mllib import MLlibParams
+from recsys.knn import LSHParams, MLlibParams, exact_top_k, fit_index, recall_at_k, top_k, update_top_k
+from recsys.knn.index import encode_index, load_index, save_index
+from recsys.tables import ensure_tables
 from tests.conftest import cache_is_empty
 from tests.unit.test_knn_kernels import clustered
 
@@ -149,8 +150,16 @@ def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignor
     v = clustered(1500, 16, 12, seed=21, spread=0.35)
     ids = [f"a{i:05d}" for i in range(1500)]
     old = frame(spark, v[:1400], ids[:1400])
-    index = fit_index(old, LSHParams(target_bucket_size=40, probes=4, seed=5))
-    before = top_k(old, 6, index=index).localCheckpoint()
+    fitted = fit_index(old, LSHParams(target_bucket_size=40, probes=4, seed=5))
+    before = top_k(old, 6, index=fitted).localCheckpoint()
+    # the next day reads the index back from the warehouse
+    ensure_tables(spark, "knn_index_test")
+    index_id = save_index(spark, "knn_index_test", "text", fitted, "model-a", 1400, "run-1")
+    saved = load_index(spark, "knn_index_test", "text")
+    assert saved is not None and (saved.index_id, saved.model_id, saved.articles) == (index_id, "model-a", 1400)
+    index = saved.index
+    assert index.params == fitted.params and index.dim == fitted.dim
+    assert encode_index(index)[0] == index_id and load_index(spark, "knn_index_test", "image") is None
     changed = list(range(100, 140))
     v2 = v.copy()
     v2[changed] += 0.3 * rng.standard_normal((len(changed), 16)).astype(np.float32)

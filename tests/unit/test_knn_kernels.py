@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsys.knn import (
-    LSHParams,
+from recsys.knn.kernels import (
     band_codes,
     exact_top_k,
     hyperplanes,
@@ -17,6 +16,7 @@ from recsys.knn import (
     top_k_fast,
     top_k_rows,
 )
+from recsys.knn.params import LSHParams
 
 
 def clustered(n: int, d: int, clusters: int, seed: int = 0, spread: float = 0.3) -> np.ndarray:

@@ -63,7 +63,7 @@ def mllib_pairs(indexed: DataFrame, k: int, params: MLlibParams, n: int, dim: in
         params: MLlib settings; ``n`` and ``dim`` feed the bucket-length rule.
 
     Returns:
-        ``idx, nidx, score, rank`` (``recsys.knn.pair_schema(ranked=True)``),
+        ``idx, nidx, score, rank`` (``recsys.knn.arrow.pair_schema(ranked=True)``),
         score = ``1 - distance² / 2`` (the cosine), rank by score then ``nidx``.
     """
     features = indexed.select("idx", array_to_vector(F.col("vector")).alias("features"))

@@ -1,0 +1,199 @@
+"""Distributed scoring shared by every backend: validate and key the vectors (:func:`prepare`),
+score shuffled cell rows group by group (:func:`score_cell_rows`), merge candidate pairs into the
+global top-K (:func:`merge_pairs`), and name the result."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from recsys.knn.arrow import (
+    PREPARED_SCHEMA,
+    VECTOR_NONFINITE,
+    VECTOR_NULL,
+    VECTOR_ZERO,
+    pair_schema,
+    pairs_batch,
+    prepare_batches,
+    task_threads,
+    vectors_of,
+)
+from recsys.knn.kernels import merge_top_k, score_cells, segment_cosines
+from recsys.knn.params import Segments
+from recsys.tables import first_row
+
+
+def prepare(vectors: DataFrame) -> tuple[DataFrame, int, int]:
+    """Validate ``(article_id, vector)`` and key it for the kernels, in one Arrow pass.
+
+    Adds ``idx`` (int64: the rank of ``article_id`` among the distinct ids, 0-based, so a pure
+    function of the data however often a partition is recomputed) and
+    ``vec`` (the float32 bytes, what every later stage reads: Spark's Arrow transfer of
+    ``array<float>`` costs more than the bytes). The result is persisted; call ``unpersist``.
+
+    Returns:
+        ``(prepared, n, dim)``: ``article_id, idx, vec`` (plus ``dim``, ``flag``) rows, their
+        count, the vector length (0 when empty).
+
+    Raises:
+        ValueError: rows without an article_id, null vectors, duplicate article_ids, vectors of different lengths, NaN/inf
+            or null elements, or a zero vector (its cosine is undefined), naming how many and
+            one article_id.
+    """
+    # idx must be a pure function of the data: cached blocks may be recomputed, and a
+    # position-based id (monotonically_increasing_id after a sort) could then change under the
+    # pairs already computed. The rank over the distinct ids is; only the ids pass through the
+    # one window partition.
+    ids = vectors.select("article_id").where(F.col("article_id").isNotNull()).distinct()
+    ranks = ids.withColumn("idx", F.row_number().over(Window.orderBy("article_id")).cast("long") - 1)
+    keyed = vectors.select("article_id", "vector").join(ranks, "article_id", "left")
+    keyed = keyed.withColumn("idx", F.coalesce("idx", F.lit(-1).cast("long")))
+    prepared = keyed.select("article_id", "idx", "vector").mapInArrow(prepare_batches, PREPARED_SCHEMA)  # type: ignore[arg-type]
+    # a private marker keeps this cache entry apart from other callers' identical plans, so
+    # their unpersist cannot drop it
+    prepared = prepared.withColumn("_cache", F.lit(uuid.uuid4().hex)).drop("_cache").persist()
+    flag = F.col("flag")
+
+    def first_with(code: int) -> Any:
+        return F.min(F.when(flag == code, F.col("article_id")))
+
+    stats = first_row(prepared.agg(
+        F.count(F.lit(1)).alias("n"),
+        F.count(F.when(F.col("idx") < 0, 1)).alias("no_id"),
+        F.countDistinct("article_id").alias("ids"),
+        F.min(F.when(flag != VECTOR_NULL, F.col("dim"))).alias("lo"),
+        F.max(F.when(flag != VECTOR_NULL, F.col("dim"))).alias("hi"),
+        *[F.count(F.when(flag == code, 1)).alias(f"n{code}") for code in (VECTOR_NULL, VECTOR_NONFINITE, VECTOR_ZERO)],
+        *[first_with(code).alias(f"id{code}") for code in (VECTOR_NULL, VECTOR_NONFINITE, VECTOR_ZERO)],
+    ))
+    problem = None
+    if stats["n"] == 0:
+        return prepared, 0, 0
+    if stats["no_id"]:
+        problem = f"{stats['no_id']} row(s) have no article_id"
+    elif stats[f"n{VECTOR_NULL}"]:
+        problem = f"{stats[f'n{VECTOR_NULL}']} article(s) have a null vector, e.g. article_id {stats[f'id{VECTOR_NULL}']}"
+    elif stats["ids"] != stats["n"]:
+        problem = f"{stats['n'] - stats['ids']} duplicate article_id row(s); one vector per article"
+    elif stats["lo"] != stats["hi"]:
+        problem = f"vectors have different lengths ({stats['lo']}..{stats['hi']})"
+    elif stats[f"n{VECTOR_NONFINITE}"]:
+        problem = (f"{stats[f'n{VECTOR_NONFINITE}']} vector(s) hold NaN, inf or null, "
+                   f"e.g. article_id {stats[f'id{VECTOR_NONFINITE}']}")
+    elif stats[f"n{VECTOR_ZERO}"]:
+        problem = (f"{stats[f'n{VECTOR_ZERO}']} zero vector(s) have no direction, "
+                   f"e.g. article_id {stats[f'id{VECTOR_ZERO}']}")
+    if problem:
+        prepared.unpersist()
+        raise ValueError(f"knn: {problem}")
+    return prepared, int(stats["n"]), int(stats["lo"])
+
+
+def partitions(df: DataFrame) -> int:
+    return int(df.sparkSession.conf.get("spark.sql.shuffle.partitions", "8") or 8)
+
+
+def score_cell_rows(rows: DataFrame, dim: int, k: int, max_bucket: int, seed: int, block_size: int,
+                    segments: Segments = ()) -> DataFrame:
+    """Score shuffled cell rows (:data:`recsys.knn.arrow.CELL_ROW_SCHEMA`): one group of cells at a time.
+
+    Rows are shuffled by ``grp``; a task holds its partition's rows (Arrow, about
+    ``copies × n × d × 4 / partitions`` bytes), and for each group runs :func:`score_cells` and
+    emits each query's top-``k`` within the group (:func:`pair_schema`).
+    """
+    order_plane = np.random.default_rng(seed + 7919).standard_normal(dim).astype(np.float32)
+    n_seg = len(segments)
+
+    def flush(parts: list[pa.RecordBatch]) -> pa.RecordBatch | None:
+        table = pa.Table.from_batches(parts).combine_chunks()
+        vec = vectors_of(table.column("vec").chunk(0), dim)
+        ids = table.column("idx").to_numpy()
+        spans = []
+        for name in ("homes", "probes"):
+            col = table.column(name).chunk(0)
+            off = col.offsets.to_numpy()
+            spans.append((np.repeat(np.arange(len(col), dtype=np.int64), np.diff(off)), col.flatten().to_numpy()))
+        result = score_cells(vec, ids, spans[0], spans[1], k, max_bucket, vec @ order_plane, block_size)
+        if len(result.rows) == 0:
+            return None
+        seg = segment_cosines(vec[result.rows], vec[result.cols], segments) if n_seg else None
+        return pairs_batch(ids[result.rows], ids[result.cols], result.scores, seg)
+
+    def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        task_threads()
+        parts = [b for b in batches if b.num_rows]
+        if not parts:
+            return
+        table = pa.Table.from_batches(parts)
+        grp = table.column("grp").to_numpy()
+        order = np.argsort(grp, kind="stable")
+        bounds = np.r_[0, np.flatnonzero(np.diff(grp[order])) + 1, len(grp)]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            out = flush([table.take(pa.array(order[lo:hi])).combine_chunks().to_batches()[0]])
+            if out is not None:
+                yield out
+
+    return rows.repartition(partitions(rows), "grp").mapInArrow(score, pair_schema(segments))  # type: ignore[arg-type]
+
+
+def merge_pairs(pairs: DataFrame, k: int, segments: Segments = ()) -> DataFrame:
+    """Shuffle candidate pairs by query and keep the global top-``k`` (``pair_schema(segments, ranked=True)``)."""
+
+    def merge(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        parts = [b for b in batches if b.num_rows]
+        if not parts:
+            return
+        table = pa.Table.from_batches(parts).combine_chunks()
+        keep, rank = merge_top_k(table.column("idx").to_numpy(), table.column("nidx").to_numpy(),
+                                 table.column("score").to_numpy(), k)
+        out = table.take(pa.array(keep))
+        yield pa.RecordBatch.from_arrays(
+            [*out.combine_chunks().to_batches()[0].columns, pa.array(rank)],
+            names=[*table.schema.names, "rank"],
+        )
+
+    return pairs.repartition(partitions(pairs), "idx").mapInArrow(merge, pair_schema(segments, ranked=True))  # type: ignore[arg-type]
+
+
+def materialised(result: DataFrame) -> DataFrame:
+    """``result`` computed once and kept as a local checkpoint, so the caches it was computed
+    from can be unpersisted. The checkpoint's blocks (memory, spilling to disk) go when the
+    returned DataFrame is garbage-collected (Spark's ContextCleaner); nothing stays in the
+    session's cache for a caller to unpersist."""
+    return result.localCheckpoint(eager=True)
+
+
+def named(ranked: DataFrame, names: DataFrame, segments: Segments) -> DataFrame:
+    """Ranked ``idx`` pairs → the top-K table (``article_id, rank, neighbour_id, score, segment_scores``)."""
+    return (
+        ranked.join(names, "idx")
+        .join(names.select(F.col("idx").alias("nidx"), F.col("article_id").alias("neighbour_id")), "nidx")
+        .select("article_id", "rank", "neighbour_id", "score",
+                F.col("segment_scores") if segments else F.lit(None).cast("array<float>").alias("segment_scores"))
+    )
+
+
+def with_segment_scores(indexed: DataFrame, ranked: DataFrame, dim: int, segments: Segments) -> DataFrame:
+    """Fill ``segment_scores`` of ranked pairs from the vectors (two joins; for backends that do
+    not score segments themselves)."""
+    vec = indexed.select("idx", "vec")
+    joined = ranked.join(vec, "idx").join(vec.select(F.col("idx").alias("nidx"), F.col("vec").alias("nvec")), "nidx")
+
+    def fill(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            a = vectors_of(batch.column("vec"), dim)
+            b = vectors_of(batch.column("nvec"), dim)
+            seg = segment_cosines(a, b, segments)
+            pairs = pairs_batch(batch.column("idx").to_numpy(), batch.column("nidx").to_numpy(),
+                                 batch.column("score").to_numpy(), seg)
+            yield pa.RecordBatch.from_arrays([*pairs.columns, batch.column("rank")],
+                                             names=[*pairs.schema.names, "rank"])
+
+    columns = joined.select("idx", "nidx", "score", "rank", "vec", "nvec")
+    return columns.mapInArrow(fill, pair_schema(segments, ranked=True))  # type: ignore[arg-type]
