@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from recsys.cli import main as recsys_main
+from recsys.cli import stage_job
+from recsys.stages.customers import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the customers stage with ``--conf``, ``--set``, ``--run-date`` from ``argv``; return the exit code."""
-    return recsys_main(["customers", *(sys.argv[1:] if argv is None else argv)])
+    """Run the customers stage (:func:`recsys.stages.customers.run`) with ``--conf``, ``--set``, ``--run-date`` from ``argv``; return the exit code."""
+    return stage_job(run, argv)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from recsys.cli import main as recsys_main
+from recsys.cli import stage_job
+from recsys.stages.ingest import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ingest stage with ``--conf``, ``--set``, ``--run-date`` from ``argv``; return the exit code."""
-    return recsys_main(["ingest", *(sys.argv[1:] if argv is None else argv)])
+    """Run the ingest stage (:func:`recsys.stages.ingest.run`) with ``--conf``, ``--set``, ``--run-date`` from ``argv``; return the exit code."""
+    return stage_job(run, argv)
 
 
 if __name__ == "__main__":

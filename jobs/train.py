@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from recsys.cli import main as recsys_main
+from recsys.cli import stage_job
+from recsys.stages.train import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the train stage with ``--conf``, ``--set``, ``--run-date`` from ``argv``; return the exit code."""
-    return recsys_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    """Run the train stage (:func:`recsys.stages.train.run`) with ``--conf``, ``--set``, ``--run-date`` from ``argv``; return the exit code."""
+    return stage_job(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The ``recsys`` command: one subcommand per stage, ``run`` for all, and lookups.
 
     recsys run [--conf local] [--set knn.k=20] [--run-date 2026-11-21]
-    recsys ingest | train | behaviour | embed | neighbours | recommend | customers | evaluate   (one stage)
+    recsys ingest | train | behaviour | embed | neighbours | recommend | customers | evaluate | maintain   (one stage)
     recsys export-submission submission.csv           (customer_recommendations as customer_id,prediction)
     recsys similar 0108775015                        (an article and its top-K)
     recsys sql "SELECT * FROM recsys.item_recommendations WHERE article_id = '0108775015' ORDER BY rank"
@@ -18,7 +18,7 @@ import datetime as dt
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from recsys.config import Config, ConfigError, default_env, load_config
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("behaviour", "item vectors from purchases (implicit ALS); skipped without transactions"),
         ("customers", "write customer_recommendations: top-K per customer with a reason"),
         ("evaluate", "time split: MAP@12, recall, NDCG, coverage against baselines; per-modality quality; HTML report"),
+        ("maintain", "OPTIMIZE and VACUUM every table (maintain.retention_hours); not part of run"),
     ):
         _common(sub.add_parser(name, help=text))
     similar = sub.add_parser("similar", help="print an article and its top-K recommendations")
@@ -135,6 +136,22 @@ def _similar(spark: Any, cfg: Config, article_id: str, modality: str | None) -> 
     return 0
 
 
+def stage_job(stage_run: Callable[..., dict[str, Any]], argv: Sequence[str] | None = None) -> int:
+    """What every ``jobs/<stage>.py`` calls: parse ``--conf``, ``--set``, ``--run-date``, ``--run-id``
+    from ``argv`` (default ``sys.argv[1:]``), build the session, run ``stage_run`` (one
+    ``recsys.stages.<stage>.run``) and record it in ``runs``; returns the exit code (see :func:`main`).
+
+    Raises:
+        ValueError: ``stage_run`` is not the ``run`` of a module in :mod:`recsys.stages`.
+    """
+    from recsys.stages import STAGES, stage_function
+
+    name = stage_run.__module__.rsplit(".", 1)[-1]
+    if name not in STAGES or stage_function(name) is not stage_run:
+        raise ValueError(f"{stage_run.__module__}.{stage_run.__name__} is not a stage's run function")
+    return main([name, *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recsys`` command and of every ``jobs/*.py``; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -145,9 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"configuration error:\n{err}\n")
         return 2
 
-    from recsys.pipeline import STAGES, default_run_id, run
+    from recsys.pipeline import RUN_STAGES, default_run_id, run
     from recsys.session import SparkStartError, build_spark
     from recsys.sources.base import SourceError
+    from recsys.stages import STAGES
 
     try:
         spark = build_spark(cfg)
@@ -157,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_id = args.run_id or default_run_id(args.run_date)
     try:
         if args.command in ("run", *STAGES):
-            stages = STAGES if args.command == "run" else (args.command,)
+            stages = RUN_STAGES if args.command == "run" else (args.command,)
             report = run(spark, cfg, run_id, stages)
             logger.info("run %s report: %s", run_id, json.dumps(report, default=str))
             if args.command in ("run", "recommend"):

@@ -225,6 +225,27 @@ class EvaluateConfig(_Section):
     seed: int = 42
 
 
+class MaintainConfig(_Section):
+    enabled: bool = True
+    optimize: bool = True
+    vacuum: bool = True
+    retention_hours: int = Field(168, ge=0, le=100_000)
+    tables: list[str] = Field(default_factory=list)
+
+    @field_validator("tables")
+    @classmethod
+    def _known_tables(cls, value: list[str]) -> list[str]:
+        if not value:
+            return value
+        from recsys.tables import ALL_TABLES
+
+        known = [spec.name for spec in ALL_TABLES]
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(f"unknown table(s) {unknown}; tables are {known}")
+        return value
+
+
 class Config(_Section):
     """The whole run configuration. Sections mirror ``conf/base.yaml``."""
 
@@ -240,6 +261,7 @@ class Config(_Section):
     behaviour: BehaviourConfig = BehaviourConfig()
     customers: CustomersConfig = CustomersConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    maintain: MaintainConfig = MaintainConfig()
 
     @field_validator("quality")
     @classmethod

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
-from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -152,75 +150,6 @@ def customer_top_k(
         .where(F.col("rank") <= k)
         .select("customer_id", F.col("rank").cast("int"), "article_id", F.col("score").cast("float"), "reason")
     )
-
-
-def recommend_customers(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
-    """Customers stage: ``customer_recommendations`` for every customer in ``customers``.
-
-    Uses all of ``transactions`` and the served ``item_recommendations``. The lists are checked
-    (every customer has K) before they replace the table in one commit, so a failing run leaves
-    the previous lists in place. Skips (and says so) when the stage is off or there are no
-    customers or purchases.
-
-    Returns:
-        ``{skipped}`` or ``{customers, rows, customers_short, reasons: {similar_to, repurchase,
-        popular}, seconds}``; ``customers_short`` counts customers with fewer than K rows (only
-        when the catalogue has fewer than K articles).
-
-    Raises:
-        RuntimeError: a customer got fewer than K rows although the catalogue has K articles
-            (nothing is written).
-    """
-    db = cfg.data.database
-    if not cfg.customers.enabled:
-        logger.info("customers: off (customers.enabled: false), skipped")
-        return {"skipped": "customers.enabled is false"}
-    started = time.perf_counter()
-    customers = tables.read(spark, db, tables.CUSTOMERS).select("customer_id")
-    transactions = tables.read(spark, db, tables.TRANSACTIONS).select("t_dat", "customer_id", "article_id")
-    n_customers = customers.count()
-    if n_customers == 0 or transactions.limit(1).count() == 0:
-        logger.info("customers: no customers or no transactions, skipped")
-        return {"skipped": "no customers or no transactions"}
-    articles = tables.read(spark, db, tables.ARTICLES).select("article_id")
-    item_lists = tables.read(spark, db, tables.ITEM_RECOMMENDATIONS).select(
-        "article_id", F.col("recommended_id").alias("neighbour_id"), "score"
-    )
-    recs = customer_top_k(transactions, item_lists, customers, articles, cfg.customers).persist()
-    try:
-        # checked before the commit: a run that fails here publishes nothing
-        per_customer = recs.groupBy("customer_id").count()
-        k = min(cfg.customers.k, articles.count())
-        stats = tables.first_row(
-            per_customer.agg(F.count(F.lit(1)).alias("customers"), F.sum("count").alias("rows"),
-                             F.sum((F.col("count") < k).cast("int")).alias("short"))
-        )
-        missing = n_customers - int(stats["customers"] or 0)
-        if missing or stats["short"]:
-            raise RuntimeError(
-                f"customers: {missing} customers got no list and {stats['short']} fewer than {k}; expected {k} each; "
-                f"{db}.customer_recommendations was left as it was"
-            )
-        reasons: dict[str, int] = dict(
-            recs.groupBy(F.split("reason", ":")[0].alias("source")).count().select("source", "count").collect()
-        )
-        tables.replace(spark, db, tables.CUSTOMER_RECOMMENDATIONS, recs.withColumn("run_id", F.lit(run_id)), "true")
-    finally:
-        recs.unpersist()
-    seconds = time.perf_counter() - started
-    by_reason = {r: int(reasons.get(r, 0)) for r in ("similar_to", "repurchase", "popular")}
-    report: dict[str, Any] = {
-        "customers": int(stats["customers"]),
-        "rows": int(stats["rows"]),
-        "customers_short": int(stats["short"]),
-        "reasons": by_reason,
-        "seconds": round(seconds, 2),
-    }
-    logger.info(
-        "customers: %d customers × %d = %d rows (similar_to %d, repurchase %d, popular %d), %.1f s",
-        report["customers"], k, report["rows"], *by_reason.values(), seconds,
-    )
-    return report
 
 
 def export_submission(spark: SparkSession, cfg: Config, output: str) -> int:

@@ -11,7 +11,8 @@ from pyspark.sql import functions as F
 
 from recsys import tables
 from recsys.customers import customer_top_k
-from recsys.evaluate import average_precision_at_k, evaluate_split, item_metrics, ranking_metrics, time_split
+from recsys.evaluation.metrics import average_precision_at_k, item_metrics, ranking_metrics, time_split
+from recsys.stages.evaluate import evaluate_split
 from tests import reference as reference_lists
 from tests.conftest import cache_is_empty, test_config, write_table
 
@@ -187,7 +188,7 @@ def test_customers_stage_checks_before_it_commits(spark, warehouse: Path, monkey
     """A run whose lists fail the 12-per-customer check leaves the published table untouched."""
     from delta.tables import DeltaTable
 
-    from recsys import customers as customers_module
+    from recsys.stages import customers as customers_module
 
     db = "customers_commit"
     cfg = test_config(warehouse, db)
@@ -198,7 +199,7 @@ def test_customers_stage_checks_before_it_commits(spark, warehouse: Path, monkey
     write_table(spark, db, tables.ARTICLES, tx.select("article_id").distinct())
     write_table(spark, db, tables.ITEM_RECOMMENDATIONS, spark.createDataFrame(
         [(f"p{i:02d}", 1, f"p{(i + 1) % 30:02d}", 0.9) for i in range(30)], "article_id string, rank int, recommended_id string, score float"))
-    report = customers_module.recommend_customers(spark, cfg, "c1")  # type: ignore[arg-type]
+    report = customers_module.run(spark, cfg, "c1")  # type: ignore[arg-type]
     assert (report["customers"], report["rows"], report["customers_short"]) == (40, 480, 0)
     published = tables.read(spark, db, tables.CUSTOMER_RECOMMENDATIONS)
     before = sorted(map(tuple, published.collect()))
@@ -208,6 +209,6 @@ def test_customers_stage_checks_before_it_commits(spark, warehouse: Path, monkey
     monkeypatch.setattr(customers_module, "customer_top_k", lambda *args, **kwargs: honest(*args, **kwargs).where(
         ~((F.col("customer_id") == "cust05") & (F.col("rank") == 12))))
     with pytest.raises(RuntimeError, match="0 customers got no list and 1 fewer than 12; .* left as it was"):
-        customers_module.recommend_customers(spark, cfg, "c2")  # type: ignore[arg-type]
+        customers_module.run(spark, cfg, "c2")  # type: ignore[arg-type]
     assert DeltaTable.forName(spark, f"{db}.customer_recommendations").history(1).first()["version"] == version
     assert sorted(map(tuple, tables.read(spark, db, tables.CUSTOMER_RECOMMENDATIONS).collect())) == before

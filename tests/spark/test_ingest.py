@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from recsys import ingest as ingest_module
 from recsys import tables
-from recsys.ingest import ingest
 from recsys.sources.base import SourceError
+from recsys.stages import ingest as ingest_module
+from recsys.stages.ingest import run as ingest
 from tests.conftest import REPO, cache_is_empty, test_config
 from tests.spark.hm_fixture import write_fashion, write_hm
 

@@ -51,3 +51,19 @@ def test_two_runs_leave_the_same_tables_and_skip_unchanged_text(spark, warehouse
     assert len(first["item_recommendations"]) == n * 12
     runs = tables.read(spark, "pipeline_idem", tables.RUNS).collect()
     assert [(r["run_id"], r["status"]) for r in runs] == [("run-a", "succeeded")]
+
+    # maintain: OPTIMIZE and VACUUM (retention 0 here) keep every table's rows and delete the
+    # files no current version needs
+    from delta.tables import DeltaTable
+
+    from recsys.stages import maintain
+
+    location = Path(tables.location(spark, "pipeline_idem", tables.ITEM_EMBEDDINGS).removeprefix("file:"))
+    files_before = len(list(location.rglob("*.parquet")))
+    report = maintain.run(spark, cfg.model_copy(update={"maintain": cfg.maintain.model_copy(
+        update={"retention_hours": 0, "tables": ["item_embeddings", "item_neighbours"]})}), "run-m")  # type: ignore[attr-defined]
+    assert snapshot(spark, "pipeline_idem") == second and set(report) == {"retention_hours", "item_embeddings",
+                                                                          "item_neighbours"}
+    embeddings = report["item_embeddings"]
+    current = int(DeltaTable.forName(spark, "pipeline_idem.item_embeddings").detail().first()["numFiles"])
+    assert embeddings["files_after"] == current == len(list(location.rglob("*.parquet"))) < files_before

@@ -9,7 +9,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from recsys import tables
-from recsys.quality import linear_probe
+from recsys.evaluation.probe import linear_probe
 from recsys.training import holdout_column
 from tests.conftest import test_config, write_table
 

@@ -12,7 +12,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from recsys import tables
-from recsys.report import collect_inputs, write_report
+from recsys.evaluation.report import collect_inputs, write_report
 from tests.conftest import test_config
 
 pytestmark = pytest.mark.spark

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recsys.evaluate import average_precision_at_k
+from recsys.evaluation.metrics import average_precision_at_k
 
 FILLER = [f"x{i}" for i in range(20)]
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from recsys.report import (
+from recsys.evaluation.report import (
     MAX_COLOURS,
     OTHER,
     Strip,

@@ -90,7 +90,7 @@ def _unknown_reference(df: DataFrame, column: str, known: DataFrame, path: str) 
     return good, bad
 
 
-def ingest(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
+def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     """Read the configured source into the Delta tables.
 
     Nothing is lost without notice: after the writes, one aggregate per table counts the rows

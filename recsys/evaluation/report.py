@@ -11,7 +11,7 @@ Everything is inlined (PNG charts and JPEG thumbnails as base64 ``data:`` URIs, 
 the data (names, categories, ids) is HTML-escaped.
 
 matplotlib, scikit-learn and Pillow are the wheel's ``report`` extra; they are imported inside
-the functions that need them, so ``import recsys.report`` works without them. Charts are drawn on
+the functions that need them, so ``import recsys.evaluation.report`` works without them. Charts are drawn on
 matplotlib's Agg canvas without pyplot (headless, and a notebook's backend is left alone).
 """
 

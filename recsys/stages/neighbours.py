@@ -1,5 +1,4 @@
-"""Neighbours and recommend stages: top-K per modality into ``item_neighbours``, the fused lists
-into ``item_recommendations``, with quality figures for the run's metrics."""
+"""Neighbours stage: top-K per modality into ``item_neighbours`` (:mod:`recsys.knn`), with quality figures."""
 
 from __future__ import annotations
 
@@ -12,53 +11,11 @@ from pyspark.sql import functions as F
 
 from recsys import tables
 from recsys.config import Config
-from recsys.embed import current_vectors
-from recsys.encoders.text import model_id as text_model_id
-from recsys.encoders.text import resolve_model_path
+from recsys.evaluation.probe import linear_probe
+from recsys.fusion import current_model_ids, current_vectors, fused_segments
 from recsys.knn import LSHParams, MLlibParams, recall_at_k, top_k
-from recsys.quality import linear_probe
 
 logger = logging.getLogger(__name__)
-
-
-def current_model_ids(spark: SparkSession, cfg: Config) -> dict[str, str]:
-    """The model per modality this configuration serves.
-
-    Text: derived from ``cfg.text`` (so a changed model is noticed). Metadata and fused: the one
-    model id the table holds (those vectors are replaced whole each run).
-    """
-    ids: dict[str, str] = {}
-    rows = (
-        tables.read(spark, cfg.data.database, tables.ITEM_EMBEDDINGS)
-        .where(F.col("modality").isin("metadata", "fused", "image", "behaviour"))
-        .select("modality", "model_id")
-        .distinct()
-        .collect()
-    )
-    for row in rows:
-        if row["modality"] == "behaviour" and not cfg.behaviour.enabled:
-            continue
-        ids[row["modality"]] = row["model_id"]
-    if cfg.text.enabled:
-        ids["text"] = text_model_id(resolve_model_path(cfg.text.model), cfg.text.max_length)
-    return ids
-
-
-def fused_segments(spark: SparkSession, cfg: Config, model_ids: dict[str, str]) -> tuple[tuple[str, int, int], ...]:
-    """The ``(modality, start, end)`` slices of the fused vector (same order as :func:`recsys.embed.fuse`)."""
-    weights = {m: w for m, w in cfg.fusion.weights.items() if w > 0 and m in model_ids}
-    dims: dict[str, int] = dict(
-        tables.read(spark, cfg.data.database, tables.ITEM_EMBEDDINGS)
-        .where(F.col("modality").isin(*weights))
-        .where(F.col("model_id").isin(*[model_ids[m] for m in weights]))
-        .groupBy("modality").agg(F.min("dim")).collect()
-    )
-    segments, start = [], 0
-    for m in sorted(weights):
-        if m in dims:
-            segments.append((m, start, start + int(dims[m])))
-            start += int(dims[m])
-    return tuple(segments)
 
 
 def category_precision(spark: SparkSession, cfg: Config, neighbours: DataFrame, column: str = "category_l3") -> float:
@@ -71,7 +28,7 @@ def category_precision(spark: SparkSession, cfg: Config, neighbours: DataFrame, 
     return float(value) if value is not None else float("nan")
 
 
-def neighbours(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
+def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     """Top-K neighbours for each configured modality (``cfg.knn.modalities``).
 
     Writes ``item_neighbours`` (the modality's rows replaced in one commit). For the fused
@@ -79,7 +36,7 @@ def neighbours(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
 
     Quality per modality: category precision@K over all its articles and over the articles that
     have every modality (``common``, where modalities compare like for like), and a linear probe
-    (:func:`recsys.quality.linear_probe`) on the common articles.
+    (:func:`recsys.evaluation.probe.linear_probe`) on the common articles.
 
     Returns:
         Per modality: ``articles``, ``rows``, ``seconds``, ``recall_at_k`` (LSH against exact on
@@ -118,7 +75,7 @@ def _neighbours_of(
     spark: SparkSession, cfg: Config, run_id: str, modality: str, vectors: DataFrame, common: DataFrame,
     model_ids: dict[str, str],
 ) -> dict[str, Any]:
-    """One modality of :func:`neighbours`: its lists into ``item_neighbours`` and its figures."""
+    """One modality of :func:`run`: its lists into ``item_neighbours`` and its figures."""
     db = cfg.data.database
     params = LSHParams(**cfg.knn.lsh.model_dump())
     started = time.perf_counter()
@@ -170,39 +127,3 @@ def _neighbours_of(
         entry.get("probe_macro_f1", "n/a"),
     )
     return entry
-
-
-def recommend(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
-    """``item_recommendations``: the fused neighbours (or, when fusion is off, the first
-    configured modality's) with each modality's score, replacing the previous lists.
-
-    Returns:
-        ``{source_modality, articles, rows}``.
-
-    Raises:
-        RuntimeError: no neighbours have been computed yet.
-    """
-    db = cfg.data.database
-    available = {
-        r["modality"] for r in tables.read(spark, db, tables.ITEM_NEIGHBOURS).select("modality").distinct().collect()
-    }
-    preferred = [m for m in ("fused", *cfg.knn.modalities) if m in available]
-    if not preferred:
-        raise RuntimeError("recommend: item_neighbours is empty; run the neighbours stage first")
-    modality = preferred[0]
-    chosen = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
-    rows = chosen.select(
-        "article_id",
-        "rank",
-        F.col("neighbour_id").alias("recommended_id"),
-        "score",
-        F.coalesce("modality_scores", F.create_map(F.lit(modality), F.col("score"))).alias("modality_scores"),
-        F.lit(run_id).alias("run_id"),
-    )
-    tables.replace(spark, db, tables.ITEM_RECOMMENDATIONS, rows, "true")
-    counts = tables.first_row(
-        tables.read(spark, db, tables.ITEM_RECOMMENDATIONS)
-        .agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles"))
-    )
-    logger.info("recommend: %d articles, %d rows (from %s neighbours)", counts["articles"], counts["rows"], modality)
-    return {"source_modality": modality, "articles": int(counts["articles"]), "rows": int(counts["rows"])}

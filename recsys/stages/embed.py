@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,17 +26,19 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
-from pyspark.sql.types import ArrayType, FloatType, IntegerType, StringType, StructField, StructType
+from pyspark.sql.types import ArrayType, FloatType, StringType
 
 from recsys import tables
 from recsys.config import Config
 from recsys.encoders.image import model_id as image_model_id
 from recsys.encoders.text import model_id as text_model_id
 from recsys.encoders.text import resolve_model_path
+from recsys.fusion import current_model_ids, current_vectors, fuse_vectors
 from recsys.inference import ImageEmbedderSpec, TextEmbedderSpec, make_image_embedder, make_text_embedder
 from recsys.session import sql_conf
 from recsys.sources.images import image_files
 from recsys.sources.schema import TEMPLATE_FIELDS, render_text
+from recsys.training import resolve_image_weights
 
 logger = logging.getLogger(__name__)
 
@@ -349,81 +350,6 @@ def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, A
     return {"model_id": mid, "articles": n, "dim": dim, "seconds": round(seconds, 2)}
 
 
-def current_vectors(spark: SparkSession, cfg: Config, model_ids: dict[str, str]) -> DataFrame:
-    """``(article_id, modality, vector)`` for the current articles and the given model per modality."""
-    db = cfg.data.database
-    condition = F.lit(False)
-    for modality, mid in model_ids.items():
-        condition = condition | ((F.col("modality") == modality) & (F.col("model_id") == mid))
-    current = tables.read(spark, db, tables.ARTICLES).select("article_id")
-    return (
-        tables.read(spark, db, tables.ITEM_EMBEDDINGS)
-        .where(condition)
-        .join(current, "article_id", "left_semi")
-        .select("article_id", "modality", "vector", "dim")
-    )
-
-
-def fuse_vectors(vectors: DataFrame, weights: dict[str, float]) -> tuple[DataFrame, dict[str, tuple[int, int]]]:
-    """Fuse each article's modality vectors into one (see the module docstring).
-
-    The fused vector is the concatenation, in modality name order, of ``sqrt(w_m) * v_m`` over
-    the modalities the article has, divided by ``sqrt(sum of those w_m)``: the cosine of two
-    fused vectors is the weighted mean of the per-modality cosines when both have every modality.
-
-    Args:
-        vectors: ``(article_id, modality, vector array<float>, dim int)``, L2-normalised, one
-            row per article and modality; modalities not in ``weights`` are ignored.
-        weights: modality to weight; weights <= 0 are left out.
-
-    Returns:
-        ``(fused, segments)``: ``fused`` has ``(article_id, vector array<float>, dim int)``, one
-        row per article with at least one weighted modality; ``segments`` gives each modality's
-        ``[start, end)`` slice of the fused vector.
-
-    Raises:
-        ValueError: no weighted modality has vectors, or a modality has vectors of two lengths.
-    """
-    weights = {m: w for m, w in weights.items() if w > 0}
-    order = sorted(weights)
-    vectors = vectors.where(F.col("modality").isin(*order))
-    dims_rows = vectors.groupBy("modality").agg(F.min("dim").alias("lo"), F.max("dim").alias("hi")).collect()
-    dims = {r["modality"]: int(r["lo"]) for r in dims_rows}
-    for r in dims_rows:
-        if r["lo"] != r["hi"]:
-            raise ValueError(f"fusion: modality {r['modality']} has vectors of dims {r['lo']}..{r['hi']}")
-    order = [m for m in order if m in dims]
-    if not order:
-        raise ValueError(f"fusion: no vectors for any weighted modality of {sorted(weights)}; run the embed stage first")
-    segments: dict[str, tuple[int, int]] = {}
-    start = 0
-    for m in order:
-        segments[m] = (start, start + dims[m])
-        start += dims[m]
-    total = start
-    pivot = vectors.groupBy("article_id").pivot("modality", list[object](order)).agg(F.first("vector"))  # type: ignore[arg-type]
-    schema = StructType(
-        [StructField("article_id", StringType()), StructField("vector", ArrayType(FloatType(), False)),
-         StructField("dim", IntegerType())]
-    )
-
-    def combine(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for batch in batches:
-            out = np.zeros((len(batch), total), dtype=np.float32)
-            mass = np.zeros(len(batch), dtype=np.float32)
-            for m in order:
-                lo, hi = segments[m]
-                w = np.float32(np.sqrt(weights[m]))
-                for i, v in enumerate(batch[m]):
-                    if v is not None:
-                        out[i, lo:hi] = w * np.asarray(v, dtype=np.float32)
-                        mass[i] += weights[m]
-            out /= np.sqrt(np.maximum(mass, 1e-12))[:, None]
-            yield pd.DataFrame({"article_id": batch["article_id"], "vector": list(out), "dim": total})
-
-    return pivot.mapInPandas(combine, schema), segments  # type: ignore[arg-type]
-
-
 def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str]) -> dict[str, Any]:
     """Fuse each article's modality vectors (:func:`fuse_vectors`) into ``modality='fused'``.
 
@@ -461,3 +387,37 @@ def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str
     seconds = time.perf_counter() - started
     logger.info("fuse %s: %d articles, dim %d, %.1f s", "+".join(order), n, total, seconds)
     return {"model_id": mid, "articles": n, "dim": total, "segments": segments, "seconds": round(seconds, 2)}
+
+
+def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
+    """Embed stage: text and image (incremental), metadata, then the fused vector.
+
+    Returns:
+        Per modality its report (``model_id``, counts, seconds), and ``fused``.
+
+    Raises:
+        FileNotFoundError: ``image.weights`` is ``trained``, articles have images, and no
+            checkpoint was trained (the train stage is off or has not run).
+    """
+    report: dict[str, Any] = {}
+    model_ids: dict[str, str] = {}
+    if cfg.text.enabled:
+        report["text"] = embed_text(spark, cfg, run_id)
+        model_ids["text"] = report["text"]["model_id"]
+    if cfg.image.enabled:
+        has_images = bool(
+            tables.read(spark, cfg.data.database, tables.ARTICLES).where(F.col("image_path").isNotNull()).limit(1).count()
+        )
+        if has_images:
+            report["image"] = embed_image(spark, cfg, run_id, resolve_image_weights(cfg))
+            model_ids["image"] = report["image"]["model_id"]
+        else:
+            logger.info("embed image: no article has an image, skipped")
+    if cfg.metadata.enabled:
+        report["metadata"] = embed_metadata(spark, cfg, run_id)
+        model_ids["metadata"] = report["metadata"]["model_id"]
+    for modality, mid in current_model_ids(spark, cfg).items():
+        if modality == "behaviour" and cfg.behaviour.enabled:
+            model_ids.setdefault(modality, mid)
+    report["fused"] = fuse(spark, cfg, run_id, model_ids)
+    return report

@@ -1,0 +1,17 @@
+"""spark-submit entry point: the behaviour stage. `spark-submit ... jobs/behaviour.py --conf conf/cluster.yaml`."""
+
+from __future__ import annotations
+
+import sys
+
+from recsys.cli import stage_job
+from recsys.stages.behaviour import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the behaviour stage (:func:`recsys.stages.behaviour.run`) with ``--conf``, ``--set``, ``--run-date`` from ``argv``; return the exit code."""
+    return stage_job(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""spark-submit entry point: the maintain stage. `spark-submit ... jobs/maintain.py --conf conf/cluster.yaml`."""
+
+from __future__ import annotations
+
+import sys
+
+from recsys.cli import stage_job
+from recsys.stages.maintain import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the maintain stage (:func:`recsys.stages.maintain.run`) with ``--conf``, ``--set``, ``--run-date`` from ``argv``; return the exit code."""
+    return stage_job(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Neighbours and recommend stages: top-K per modality into ``item_neighbours``, the fused lists
+into ``item_recommendations``, with quality figures for the run's metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from recsys import tables
+from recsys.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
+    """``item_recommendations``: the fused neighbours (or, when fusion is off, the first
+    configured modality's) with each modality's score, replacing the previous lists.
+
+    Returns:
+        ``{source_modality, articles, rows}``.
+
+    Raises:
+        RuntimeError: no neighbours have been computed yet.
+    """
+    db = cfg.data.database
+    available = {
+        r["modality"] for r in tables.read(spark, db, tables.ITEM_NEIGHBOURS).select("modality").distinct().collect()
+    }
+    preferred = [m for m in ("fused", *cfg.knn.modalities) if m in available]
+    if not preferred:
+        raise RuntimeError("recommend: item_neighbours is empty; run the neighbours stage first")
+    modality = preferred[0]
+    chosen = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
+    rows = chosen.select(
+        "article_id",
+        "rank",
+        F.col("neighbour_id").alias("recommended_id"),
+        "score",
+        F.coalesce("modality_scores", F.create_map(F.lit(modality), F.col("score"))).alias("modality_scores"),
+        F.lit(run_id).alias("run_id"),
+    )
+    tables.replace(spark, db, tables.ITEM_RECOMMENDATIONS, rows, "true")
+    counts = tables.first_row(
+        tables.read(spark, db, tables.ITEM_RECOMMENDATIONS)
+        .agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles"))
+    )
+    logger.info("recommend: %d articles, %d rows (from %s neighbours)", counts["articles"], counts["rows"], modality)
+    return {"source_modality": modality, "articles": int(counts["articles"]), "rows": int(counts["rows"])}
