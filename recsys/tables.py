@@ -245,6 +245,21 @@ LSH_INDEX = TableSpec(
     comment="The fitted LSH index per modality, reused by later runs until it is refitted.",
 )
 
+MODELS = TableSpec(
+    "models",
+    StructType(
+        [
+            _f("model_id", S, "model key, as written on item_embeddings", False),
+            _f("modality", S, "modality the model embeds"),
+            _f("recipe", S, "what the model is, JSON (fused: each modality's slice, model and weight)"),
+            _f("created_at", TS, "when it was first recorded"),
+            _f("run_id", S, "run that first recorded it"),
+        ]
+    ),
+    key=("model_id",),
+    comment="Models behind the vectors in item_embeddings; the fused vector's layout per fused model_id.",
+)
+
 ALL_TABLES: tuple[TableSpec, ...] = (
     ARTICLES,
     CUSTOMERS,
@@ -257,6 +272,7 @@ ALL_TABLES: tuple[TableSpec, ...] = (
     RUNS,
     METRICS,
     LSH_INDEX,
+    MODELS,
 )
 
 

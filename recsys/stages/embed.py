@@ -1,12 +1,6 @@
-"""Embed stage: text and image (pandas UDFs), metadata (Spark ML one-hot) and the fused vector.
-
-All vectors go to ``item_embeddings`` (article_id, modality, model_id), L2-normalised float32.
-
-Fusion (weighted concatenation): for the modalities m an article has, with config weights w_m,
-``fused = concat(sqrt(w_m) * v_m) / sqrt(sum w_m)``. Each part is unit length, so the result is
-unit length, and for two articles with the same modalities ``cos(fused) = sum w_m cos_m / sum w_m``:
-a weight is the modality's share of the fused similarity. An article missing a modality gets a
-fused vector from the ones it has (its part is zeros and the weights re-normalise).
+"""Embed stage: text and image (pandas UDFs), metadata (Spark ML one-hot) and the fused vector
+(:mod:`recsys.fusion`). All vectors go to ``item_embeddings`` (article_id, modality, model_id),
+L2-normalised float32.
 """
 
 from __future__ import annotations
@@ -33,7 +27,7 @@ from recsys.config import Config
 from recsys.encoders.image import model_id as image_model_id
 from recsys.encoders.text import model_id as text_model_id
 from recsys.encoders.text import resolve_model_path
-from recsys.fusion import current_model_ids, current_vectors, fuse_vectors
+from recsys.fusion import current_model_ids, current_vectors, fuse_vectors, modality_dims, plan_layout, save_layout
 from recsys.inference import ImageEmbedderSpec, TextEmbedderSpec, make_image_embedder, make_text_embedder
 from recsys.session import sql_conf
 from recsys.sources.images import image_files
@@ -367,26 +361,29 @@ def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str
     weights = {m: w for m, w in cfg.fusion.weights.items() if w > 0 and m in model_ids}
     if not weights:
         raise ValueError(f"fusion: none of the weighted modalities {sorted(cfg.fusion.weights)} has vectors")
-    vectors = current_vectors(spark, cfg, {m: model_ids[m] for m in weights})
-    fused, segments = fuse_vectors(vectors, weights)
-    order = list(segments)
-    total = max(end for _, end in segments.values())
-    recipe = json.dumps({m: [model_ids[m], weights[m]] for m in order}, sort_keys=True)
-    mid = "fused@" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    rows = fused.select(
-        "article_id",
-        F.lit("fused").alias("modality"),
-        F.lit(mid).alias("model_id"),
-        "vector",
-        "dim",
-        F.lit(mid).alias("content_hash"),
-        F.lit(run_id).alias("run_id"),
-    )
-    tables.replace(spark, cfg.data.database, tables.ITEM_EMBEDDINGS, rows, "modality = 'fused'")
+    vectors = current_vectors(spark, cfg, {m: model_ids[m] for m in weights}).persist()
+    try:
+        layout = plan_layout(weights, model_ids, modality_dims(vectors))
+        mid = save_layout(spark, cfg.data.database, layout, run_id)
+        fused = fuse_vectors(vectors, layout)
+        rows = fused.select(
+            "article_id",
+            F.lit("fused").alias("modality"),
+            F.lit(mid).alias("model_id"),
+            "vector",
+            "dim",
+            F.lit(mid).alias("content_hash"),
+            F.lit(run_id).alias("run_id"),
+        )
+        tables.replace(spark, cfg.data.database, tables.ITEM_EMBEDDINGS, rows, "modality = 'fused'")
+    finally:
+        vectors.unpersist()
     n = tables.read(spark, cfg.data.database, tables.ITEM_EMBEDDINGS).where("modality = 'fused'").count()
     seconds = time.perf_counter() - started
-    logger.info("fuse %s: %d articles, dim %d, %.1f s", "+".join(order), n, total, seconds)
-    return {"model_id": mid, "articles": n, "dim": total, "segments": segments, "seconds": round(seconds, 2)}
+    logger.info("fuse %s: %d articles, dim %d, %.1f s", "+".join(m for m, _, _ in layout.segments), n, layout.dim,
+                seconds)
+    segments = {m: (lo, hi) for m, lo, hi in layout.segments}
+    return {"model_id": mid, "articles": n, "dim": layout.dim, "segments": segments, "seconds": round(seconds, 2)}
 
 
 def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:

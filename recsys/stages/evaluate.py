@@ -53,7 +53,7 @@ from recsys.evaluation.metrics import (
     ranking_metrics,
     time_split,
 )
-from recsys.fusion import current_model_ids, current_vectors, fuse_vectors
+from recsys.fusion import current_model_ids, current_vectors, fuse_vectors, modality_dims, plan_layout
 from recsys.knn import LSHParams, MLlibParams, top_k
 from recsys.runlog import flatten_report
 
@@ -167,7 +167,8 @@ def _evaluate_split(
         behaviour = cached_als.select("article_id", F.lit("behaviour").alias("modality"), "vector", "dim")
         vectors = vectors.unionByName(behaviour)
     vectors = keep(vectors)
-    present = sorted(r["modality"] for r in vectors.select("modality").distinct().collect())
+    dims = modality_dims(vectors)
+    present = sorted(dims)
     weights = {m: w for m, w in cfg.fusion.weights.items() if w > 0 and m in present}
     variants: dict[str, dict[str, float]] = {}
     if weights:
@@ -185,7 +186,8 @@ def _evaluate_split(
         if len(mix) == 1 and name in present:
             space = vectors.where(F.col("modality") == name).select("article_id", "vector")
         else:
-            space = fuse_vectors(vectors, mix)[0].select("article_id", "vector")
+            layout = plan_layout(mix, {m: model_ids.get(m, f"{m}@evaluation-split") for m in mix}, dims)
+            space = fuse_vectors(vectors, layout).select("article_id", "vector")
         lists = top_k(space, k, cfg.knn.backend, lsh, (), cfg.knn.block_size, cfg.knn.exact_block_rows, mllib)
         lists = lists.select("article_id", "rank", "neighbour_id", "score")
         report["items"][name] = item_metrics(lists, pairs, categories, k)

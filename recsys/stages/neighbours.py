@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 from recsys import tables
 from recsys.config import Config
 from recsys.evaluation.probe import linear_probe
-from recsys.fusion import current_model_ids, current_vectors, fused_segments
+from recsys.fusion import current_model_ids, current_vectors, load_layout
 from recsys.knn import LSHParams, MLlibParams, recall_at_k, top_k
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _neighbours_of(
     db = cfg.data.database
     params = LSHParams(**cfg.knn.lsh.model_dump())
     started = time.perf_counter()
-    segments = fused_segments(spark, cfg, model_ids) if modality == "fused" else ()
+    segments = load_layout(spark, db, model_ids["fused"]).segments if modality == "fused" else ()
     result = top_k(vectors, cfg.knn.k, cfg.knn.backend, params, segments, cfg.knn.block_size,
                    cfg.knn.exact_block_rows, MLlibParams(**cfg.knn.mllib.model_dump()))
     names = F.array(*[F.lit(s[0]) for s in segments]) if segments else None
