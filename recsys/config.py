@@ -181,6 +181,8 @@ class KNNConfig(_Section):
     recall_sample: int = Field(500, ge=0, le=100_000)
     block_size: int = Field(2048, ge=16, le=65_536)
     exact_block_rows: int = Field(25_000, ge=16, le=10_000_000)
+    refit_share: float = Field(0.1, ge=0.0, le=1.0)
+    refit_days: int = Field(30, ge=0, le=100_000)
 
     @field_validator("modalities")
     @classmethod

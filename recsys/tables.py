@@ -260,6 +260,22 @@ MODELS = TableSpec(
     comment="Models behind the vectors in item_embeddings; the fused vector's layout per fused model_id.",
 )
 
+STAGE_STATE = TableSpec(
+    "stage_state",
+    StructType(
+        [
+            _f("stage", S, "stage that consumed the input", False),
+            _f("input", S, "input table (or settings) consumed", False),
+            _f("version", LongType(), "Delta version of the input table the stage last consumed"),
+            _f("fingerprint", S, "for settings: the SHA-256 of the settings the stage last ran with"),
+            _f("run_id", S, "run that consumed it"),
+            _f("recorded_at", TS, "when it was recorded"),
+        ]
+    ),
+    key=("stage", "input"),
+    comment="What each stage consumed when it last ran: the next run reads only what changed since.",
+)
+
 ALL_TABLES: tuple[TableSpec, ...] = (
     ARTICLES,
     CUSTOMERS,
@@ -273,6 +289,7 @@ ALL_TABLES: tuple[TableSpec, ...] = (
     METRICS,
     LSH_INDEX,
     MODELS,
+    STAGE_STATE,
 )
 
 

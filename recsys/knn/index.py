@@ -4,6 +4,7 @@ index as a Delta table under the warehouse, so a daily run reuses it."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import json
@@ -205,6 +206,7 @@ class SavedIndex:
     model_id: str
     articles: int
     run_id: str
+    fitted_at: dt.datetime
 
 
 def save_index(
@@ -233,4 +235,4 @@ def load_index(spark: SparkSession, database: str, modality: str) -> SavedIndex 
         return None
     row = rows[0]
     return SavedIndex(decode_index(row["params"], bytes(row["hash_functions"])), row["index_id"], row["model_id"],
-                      int(row["articles"]), row["run_id"])
+                      int(row["articles"]), row["run_id"], row["fitted_at"])

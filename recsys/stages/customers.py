@@ -9,11 +9,15 @@ from typing import Any
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from recsys import tables
+from recsys import state, tables
 from recsys.config import Config
 from recsys.customers import customer_top_k
 
 logger = logging.getLogger(__name__)
+
+STAGE = "customers"
+INPUTS = (tables.CUSTOMERS, tables.TRANSACTIONS, tables.ARTICLES, tables.ITEM_RECOMMENDATIONS)
+OUTPUTS = (tables.CUSTOMER_RECOMMENDATIONS,)
 
 
 def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
@@ -22,7 +26,8 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     Uses all of ``transactions`` and the served ``item_recommendations``. The lists are checked
     (every customer has K) before they replace the table in one commit, so a failing run leaves
     the previous lists in place. Skips (and says so) when the stage is off or there are no
-    customers or purchases.
+    customers or purchases, and when none of its inputs' rows (nor its own table's) changed since
+    its last run with the same ``customers`` settings (:func:`recsys.state.unchanged_since_last_run`).
 
     Returns:
         ``{skipped}`` or ``{customers, rows, customers_short, reasons: {similar_to, repurchase,
@@ -38,6 +43,12 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         logger.info("customers: off (customers.enabled: false), skipped")
         return {"skipped": "customers.enabled is false"}
     started = time.perf_counter()
+    consumed = state.versions(spark, db, INPUTS)
+    settings = {"customers": state.fingerprint(cfg.customers)}
+    last = state.unchanged_since_last_run(spark, db, STAGE, (*INPUTS, *OUTPUTS), settings)
+    if last is not None:
+        logger.info("customers: inputs unchanged since run %s, skipped", last)
+        return {"skipped": f"inputs unchanged since run {last}"}
     customers = tables.read(spark, db, tables.CUSTOMERS).select("customer_id")
     transactions = tables.read(spark, db, tables.TRANSACTIONS).select("t_dat", "customer_id", "article_id")
     n_customers = customers.count()
@@ -69,6 +80,7 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         tables.replace(spark, db, tables.CUSTOMER_RECOMMENDATIONS, recs.withColumn("run_id", F.lit(run_id)), "true")
     finally:
         recs.unpersist()
+    state.record(spark, db, STAGE, run_id, {**consumed, **state.versions(spark, db, OUTPUTS)}, settings)
     seconds = time.perf_counter() - started
     by_reason = {r: int(reasons.get(r, 0)) for r in ("similar_to", "repurchase", "popular")}
     report: dict[str, Any] = {

@@ -9,23 +9,36 @@ from typing import Any
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from recsys import tables
+from recsys import state, tables
 from recsys.config import Config
 
 logger = logging.getLogger(__name__)
+
+STAGE = "recommend"
+INPUTS = (tables.ITEM_NEIGHBOURS,)
+OUTPUTS = (tables.ITEM_RECOMMENDATIONS,)
 
 
 def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     """``item_recommendations``: the fused neighbours (or, when fusion is off, the first
     configured modality's) with each modality's score, replacing the previous lists.
 
+    Skips (and says so) when ``item_neighbours`` and ``item_recommendations`` kept their rows
+    since its last run with the same ``knn.modalities``.
+
     Returns:
-        ``{source_modality, articles, rows}``.
+        ``{source_modality, articles, rows}``, or ``{skipped}``.
 
     Raises:
         RuntimeError: no neighbours have been computed yet.
     """
     db = cfg.data.database
+    consumed = state.versions(spark, db, INPUTS)
+    settings = {"modalities": state.fingerprint(list(cfg.knn.modalities))}
+    last = state.unchanged_since_last_run(spark, db, STAGE, (*INPUTS, *OUTPUTS), settings)
+    if last is not None:
+        logger.info("recommend: item_neighbours unchanged since run %s, skipped", last)
+        return {"skipped": f"inputs unchanged since run {last}"}
     available = {
         r["modality"] for r in tables.read(spark, db, tables.ITEM_NEIGHBOURS).select("modality").distinct().collect()
     }
@@ -43,6 +56,7 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         F.lit(run_id).alias("run_id"),
     )
     tables.replace(spark, db, tables.ITEM_RECOMMENDATIONS, rows, "true")
+    state.record(spark, db, STAGE, run_id, {**consumed, **state.versions(spark, db, OUTPUTS)}, settings)
     counts = tables.first_row(
         tables.read(spark, db, tables.ITEM_RECOMMENDATIONS)
         .agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles"))

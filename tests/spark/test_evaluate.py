@@ -208,7 +208,10 @@ def test_customers_stage_checks_before_it_commits(spark, warehouse: Path, monkey
     honest = customers_module.customer_top_k
     monkeypatch.setattr(customers_module, "customer_top_k", lambda *args, **kwargs: honest(*args, **kwargs).where(
         ~((F.col("customer_id") == "cust05") & (F.col("rank") == 12))))
+    # unchanged inputs and settings: nothing to do
+    assert customers_module.run(spark, cfg, "c2") == {"skipped": "inputs unchanged since run c1"}  # type: ignore[arg-type]
+    changed = cfg.model_copy(update={"customers": cfg.customers.model_copy(update={"popular_weight": 0.06})})  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="0 customers got no list and 1 fewer than 12; .* left as it was"):
-        customers_module.run(spark, cfg, "c2")  # type: ignore[arg-type]
+        customers_module.run(spark, changed, "c2")  # type: ignore[arg-type]
     assert DeltaTable.forName(spark, f"{db}.customer_recommendations").history(1).first()["version"] == version
     assert sorted(map(tuple, tables.read(spark, db, tables.CUSTOMER_RECOMMENDATIONS).collect())) == before

@@ -49,6 +49,10 @@ def test_two_runs_leave_the_same_tables_and_skip_unchanged_text(spark, warehouse
     assert second_report["embed"]["text"]["embedded"] == 0  # unchanged text, unchanged model
     assert first_report["embed"]["image"]["embedded"] > 0 and second_report["embed"]["image"]["embedded"] == 0
     assert len(first["item_recommendations"]) == n * 12
+    # the rerun found nothing new: no neighbour search, no new lists
+    assert {m: second_report["neighbours"][m]["mode"] for m in ("fused", "image")} == {"fused": "unchanged",
+                                                                                      "image": "unchanged"}
+    assert second_report["recommend"]["skipped"] == "inputs unchanged since run run-a"
     runs = tables.read(spark, "pipeline_idem", tables.RUNS).collect()
     assert [(r["run_id"], r["status"]) for r in runs] == [("run-a", "succeeded")]
 
