@@ -44,6 +44,11 @@ class DataConfig(_Section):
     database: str = Field("recsys", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+class IngestConfig(_Section):
+    max_deletion_share: float = Field(0.05, ge=0.0, le=1.0)
+    allow_mass_deletion: bool = False
+
+
 class TextConfig(_Section):
     enabled: bool = True
     model: str | None = None
@@ -253,6 +258,7 @@ class Config(_Section):
 
     spark: SparkConfig = SparkConfig()
     data: DataConfig = DataConfig()
+    ingest: IngestConfig = IngestConfig()
     text: TextConfig = TextConfig()
     image: ImageConfig = ImageConfig()
     train: TrainConfig = TrainConfig()

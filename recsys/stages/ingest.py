@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from recsys import tables
 from recsys.config import Config
 from recsys.sources import fashion_products, hm
-from recsys.sources.base import ROW, FileReport, SourceRead
+from recsys.sources.base import ROW, FileReport, SourceError, SourceRead
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def _write_articles(spark: SparkSession, cfg: Config, run_id: str, articles: Dat
         F.current_timestamp().alias("ingested_at"),
         F.lit(run_id).alias("run_id"),
     )
+    deletion_guard(spark, cfg, rows, source)
     target = DeltaTable.forName(spark, tables.qualified(cfg.data.database, tables.ARTICLES))
     (
         target.alias("t")
@@ -75,6 +76,40 @@ def _write_articles(spark: SparkSession, cfg: Config, run_id: str, articles: Dat
         .whenNotMatchedBySourceDelete()
         .execute()
     )
+
+
+def deletion_guard(spark: SparkSession, cfg: Config, accepted: DataFrame, source: str) -> None:
+    """Stop before ``articles`` loses more than ``ingest.max_deletion_share`` of its rows.
+
+    ``articles`` mirrors the source file, so an article missing from the file is deleted. A
+    truncated or partly written file would delete much of the catalogue (and, through the later
+    stages, its embeddings and lists); unless ``ingest.allow_mass_deletion`` is set for the run,
+    such a file stops it before anything is written.
+
+    Args:
+        accepted: the file's accepted rows (``article_id``).
+        source: the file, for the message.
+
+    Raises:
+        SourceError: the deletion share is exceeded, naming the file, the counts and the setting.
+    """
+    settings = cfg.ingest
+    if settings.allow_mass_deletion:
+        return
+    current = tables.read(spark, cfg.data.database, tables.ARTICLES).select("article_id")
+    incoming = accepted.select("article_id").distinct().withColumn("_kept", F.lit(True))
+    stats = tables.first_row(current.join(incoming, "article_id", "left").agg(
+        F.count(F.lit(1)).alias("held"), F.count(F.when(F.col("_kept").isNull(), 1)).alias("deleting")))
+    held, deleting = int(stats["held"]), int(stats["deleting"])
+    if held and deleting / held > settings.max_deletion_share:
+        raise SourceError(
+            f"{source}: would delete {deleting:,} of the {held:,} articles in {cfg.data.database}.articles "
+            f"({deleting / held:.1%}, more than ingest.max_deletion_share {settings.max_deletion_share:.0%}); is the "
+            "file truncated? Nothing was written. If the deletion is intended, rerun with "
+            "--set ingest.allow_mass_deletion=true"
+        )
+    if deleting:
+        logger.info("ingest %s: %d of %d articles are no longer in the file and will be deleted", source, deleting, held)
 
 
 def _unknown_reference(df: DataFrame, column: str, known: DataFrame, path: str) -> tuple[DataFrame, DataFrame]:
@@ -110,7 +145,8 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         row count of the table after the write.
 
     Raises:
-        SourceError: a file is missing or lacks a required column.
+        SourceError: a file is missing or lacks a required column, or ``articles.csv`` would
+            delete more than ``ingest.max_deletion_share`` of the catalogue (:func:`deletion_guard`).
         RuntimeError: a file's input lines are not all in its table or in quarantine after the
             writes, naming the file and the counts (rows were lost).
     """

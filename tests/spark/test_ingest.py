@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from delta.tables import DeltaTable
 from pyspark.sql import functions as F
 
 from recsys import tables
@@ -134,6 +135,13 @@ def test_changed_and_removed_articles_are_updated(spark, warehouse: Path, tmp_pa
     lines = (root / "articles.csv").read_text().splitlines()
     lines = [l.replace("Slim jeans", "Skinny jeans") for l in lines if not l.startswith("0500000001")]
     (root / "articles.csv").write_text("\n".join(lines) + "\n")
+    # one article of a few is more than ingest.max_deletion_share (5%): stop, write nothing
+    version = DeltaTable.forName(spark, "ingest_change.articles").history(1).first()["version"]
+    with pytest.raises(SourceError, match=r"articles.csv: would delete 1 of the \d+ articles .* "
+                                          r"ingest.allow_mass_deletion=true"):
+        ingest(spark, cfg, "r2")
+    assert DeltaTable.forName(spark, "ingest_change.articles").history(1).first()["version"] == version
+    cfg = test_config(warehouse, "ingest_change", "data.source=hm", f"data.path={root}", "ingest.allow_mass_deletion=true")
     ingest(spark, cfg, "r2")
     new = {r["article_id"]: r for r in tables.read(spark, "ingest_change", tables.ARTICLES).collect()}
     assert "0500000001" not in new
