@@ -4,8 +4,8 @@ does not slow reads.
 A daily MERGE or ``replaceWhere`` commit adds a few small files and marks others removed; Change
 Data Feed adds ``_change_data`` files. ``OPTIMIZE`` compacts the small files of each table (bin
 packing, `Delta docs <https://docs.delta.io/latest/optimizations-oss.html>`_); ``VACUUM`` deletes
-the files that no table version within ``maintain.retention_hours`` needs, change-data files
-included (`Delta docs <https://docs.delta.io/latest/delta-utility.html#remove-files-no-longer-referenced-by-a-delta-table>`_).
+the files that no table version within ``maintain.retention_hours`` needs (set as each table's
+``delta.deletedFileRetentionDuration``), change-data files included (`Delta docs <https://docs.delta.io/latest/delta-utility.html#remove-files-no-longer-referenced-by-a-delta-table>`_).
 A retention under Delta's safety minimum of 168 hours needs
 ``spark.databricks.delta.retentionDurationCheck.enabled=false``, set for the stage only.
 Readers are never disturbed: OPTIMIZE is its own commit of the same rows, and VACUUM keeps what
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 SAFE_RETENTION_HOURS = 168
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
+RETENTION_PROPERTY = "delta.deletedFileRetentionDuration"
 LISTING_PARALLELISM = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
 
 
@@ -36,6 +37,24 @@ def table_files(spark: SparkSession, name: str) -> tuple[int, int]:
     """``(files, bytes)`` of the current version of table ``name``."""
     row = tables.first_row(DeltaTable.forName(spark, name).detail())
     return int(row["numFiles"] or 0), int(row["sizeInBytes"] or 0)
+
+
+def vacuum(spark: SparkSession, name: str, table: DeltaTable, retention_hours: int) -> None:
+    """VACUUM ``name`` keeping ``retention_hours`` of history.
+
+    Delta 4 ignores a retention argument other than 0 (it logs "Vacuum with retention threshold
+    other than 0 hours is ignored") and reads the table property
+    ``delta.deletedFileRetentionDuration`` instead, so the property is set (one commit, only
+    when it differs) and VACUUM runs without an argument; 0 hours is passed as the argument.
+    """
+    if retention_hours == 0:
+        table.vacuum(0.0)
+        return
+    wanted = f"interval {retention_hours} hours"
+    properties = tables.first_row(table.detail())["properties"] or {}
+    if properties.get(RETENTION_PROPERTY) != wanted:
+        spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{RETENTION_PROPERTY}' = '{wanted}')")
+    table.vacuum()
 
 
 def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
@@ -66,7 +85,7 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
             if settings.optimize:
                 table.optimize().executeCompaction()
             if settings.vacuum:
-                table.vacuum(float(settings.retention_hours))
+                vacuum(spark, name, table, settings.retention_hours)
             after, size = table_files(spark, name)
             report[spec.name] = {"files_before": before, "files_after": after, "bytes_after": size,
                                  "seconds": round(time.perf_counter() - started, 2)}
