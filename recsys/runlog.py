@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,26 @@ from pyspark.sql.types import DoubleType, StringType, StructField, StructType
 
 from recsys import tables
 from recsys.config import Config
+
+
+def default_run_id(run_date: dt.date | None = None) -> str:
+    """``run-<date>``: reruns on the same day replace that day's run (idempotent)."""
+    return f"run-{(run_date or dt.datetime.now(dt.timezone.utc).date()).isoformat()}"
+
+
+def run_date(run_id: str) -> dt.date:
+    """The day a run is for: the ``YYYY-MM-DD`` that ends ``run_id`` (as :func:`default_run_id`
+    writes it), else today (UTC). Source rows dated later than it are not accepted."""
+    found = _RUN_DATE.search(run_id)
+    if found:
+        try:
+            return dt.date.fromisoformat(found.group(1))
+        except ValueError:
+            pass
+    return dt.datetime.now(dt.timezone.utc).date()
+
+
+_RUN_DATE = re.compile(r"(\d{4}-\d{2}-\d{2})$")
 
 
 def flatten_report(prefix: str, value: Any, out: dict[str, float]) -> None:

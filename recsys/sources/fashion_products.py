@@ -36,7 +36,7 @@ def validate_style(row: dict[str, str]) -> tuple[dict[str, str | None] | None, s
     if year is not None:
         try:
             out["year"] = str(int(float(year)))
-        except ValueError:
+        except (ValueError, OverflowError):
             return None, f"bad year {year!r}: expected an integer or NA"
     return out, None
 

@@ -8,6 +8,7 @@ About 14% of articles have an image; a missing image is normal (``image_path`` n
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from dataclasses import replace
 
@@ -48,7 +49,7 @@ def validate_article(row: dict[str, str]) -> tuple[dict[str, str | None] | None,
 
 
 def validate_customer(row: dict[str, str]) -> tuple[dict[str, str | None] | None, str | None]:
-    """Validate one ``customers.csv`` row: 64-hex ``customer_id``, integer age, 0/1 flags."""
+    """Validate one ``customers.csv`` row: 64-hex ``customer_id``, integer age, finite flags."""
     customer_id = row["customer_id"].strip()
     if not CUSTOMER_ID.match(customer_id):
         return None, f"bad customer_id {customer_id[:80]!r}: expected 64 hex characters"
@@ -56,7 +57,7 @@ def validate_customer(row: dict[str, str]) -> tuple[dict[str, str | None] | None
     for flag in ("FN", "Active"):
         value = out[flag]
         if value is not None and _float(value) is None:
-            return None, f"bad {flag} {value!r}: expected a number or empty"
+            return None, f"bad {flag} {value!r}: expected a finite number or empty"
     age = out["age"]
     if age is not None:
         number = _float(age)
@@ -67,7 +68,8 @@ def validate_customer(row: dict[str, str]) -> tuple[dict[str, str | None] | None
 
 
 def validate_transaction(row: dict[str, str]) -> tuple[dict[str, str | None] | None, str | None]:
-    """Validate one ``transactions_train.csv`` row: ISO date, ids, price >= 0, channel 1 or 2."""
+    """Validate one ``transactions_train.csv`` row: ISO date, ids, finite price >= 0, channel 1 or 2.
+    (A date later than the run's is rejected by the ingest stage, which knows the run.)"""
     try:
         dt.date.fromisoformat(row["t_dat"].strip())
     except ValueError:
@@ -77,18 +79,20 @@ def validate_transaction(row: dict[str, str]) -> tuple[dict[str, str | None] | N
     if not ARTICLE_ID.match(row["article_id"].strip()):
         return None, f"bad article_id {row['article_id']!r}: expected 10 digits"
     price = _float(row["price"].strip())
-    if price is None or price < 0 or price != price:
-        return None, f"unparsable price {row['price']!r}: expected a number >= 0"
+    if price is None or price < 0:
+        return None, f"unparsable price {row['price']!r}: expected a finite number >= 0"
     if row["sales_channel_id"].strip() not in ("1", "2"):
         return None, f"bad sales_channel_id {row['sales_channel_id']!r}: expected 1 or 2"
     return {k: v.strip() for k, v in row.items()}, None
 
 
 def _float(value: str) -> float | None:
+    """The finite number ``value`` spells, else None (``nan``, ``inf`` are not accepted)."""
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         return None
+    return number if math.isfinite(number) else None
 
 
 ARTICLES_CSV = CsvSpec(ARTICLE_COLUMNS, ARTICLE_COLUMNS, validate_article, key=("article_id",))

@@ -29,7 +29,7 @@ CUSTOMER_B = "b" * 64
 
 def write_hm(root: Path) -> dict[str, list[tuple[int, str]]]:
     """Write articles/customers/transactions with bad rows; return the expected rejects
-    per file as ``(line, reason fragment)``."""
+    per file as ``(record number, reason fragment)`` (the header is record 1)."""
     root.mkdir(parents=True, exist_ok=True)
     articles = [
         ARTICLE_HEADER,
@@ -40,14 +40,20 @@ def write_hm(root: Path) -> dict[str, list[tuple[int, str]]]:
         article("0100000001", "0100000", "Duplicate", "Vest top", "Black"),
         "0400000001,0400000,Too few fields",
         article("0500000001", "0500000", "Hoodie", "Hoodie", "Grey", ""),
+        # RFC 4180: a quoted description spanning two lines is one record (record 9, lines 9-10)
+        article("0600000001", "0600000", "Long tee", "T-shirt", "White", '"Soft\ncotton, ""long""."'),
+        # a byte that is not UTF-8 in the name: record 10 (line 11)
+        article("0700000001", "0700000", "Bad BYTE name", "T-shirt", "Red"),
     ]
-    (root / "articles.csv").write_text("\n".join(articles) + "\n")
+    data = ("\n".join(articles) + "\n").encode().replace(b"BYTE", b"\xff")
+    (root / "articles.csv").write_bytes(data)
     customers = [
         "customer_id,FN,Active,club_member_status,fashion_news_frequency,age,postal_code",
         f"{CUSTOMER_A},1.0,1.0,ACTIVE,Regularly,31,p1",
         f"{CUSTOMER_B},,,ACTIVE,NONE,,p2",
         f"{'c' * 64},,,ACTIVE,NONE,abc,p3",
         "not-a-customer,,,ACTIVE,NONE,40,p4",
+        f"{'e' * 64},nan,,ACTIVE,NONE,25,p5",
     ]
     (root / "customers.csv").write_text("\n".join(customers) + "\n")
     transactions = [
@@ -60,16 +66,20 @@ def write_hm(root: Path) -> dict[str, list[tuple[int, str]]]:
         f"2020-09-03,{CUSTOMER_B}",
         f"2020-09-04,{CUSTOMER_B},0999999999,0.05,1",
         f"2020-09-04,{'d' * 64},0200000001,0.05,1",
+        f"2020-09-02,{CUSTOMER_A},0100000002,inf,1",
+        f"2099-01-01,{CUSTOMER_A},0100000001,0.03,1",  # later than any run date in the tests
     ]
     (root / "transactions_train.csv").write_text("\n".join(transactions) + "\n")
     return {
-        "articles.csv": [(5, "bad article_id '12345'"), (6, "duplicate article_id (first at line 2)"),
-                         (7, "wrong field count: expected 25, got 3")],
-        "customers.csv": [(4, "bad age 'abc'"), (5, "bad customer_id 'not-a-customer'")],
+        "articles.csv": [(5, "bad article_id '12345'"), (6, "duplicate article_id (first at row 2)"),
+                         (7, "wrong field count: expected 25, got 3"),
+                         (10, "bytes not valid UTF-8 in column prod_name")],
+        "customers.csv": [(4, "bad age 'abc'"), (5, "bad customer_id 'not-a-customer'"), (6, "bad FN 'nan'")],
         "transactions_train.csv": [(5, "unparsable t_dat '2020-13-02'"), (6, "unparsable price 'free'"),
                                    (7, "wrong field count: expected 5, got 2"),
                                    (8, "unknown article_id 0999999999"),
-                                   (9, f"unknown customer_id {'d' * 64}")],
+                                   (9, f"unknown customer_id {'d' * 64}"),
+                                   (10, "unparsable price 'inf'"), (11, "t_dat 2099-01-01 is after the run date")],
     }
 
 

@@ -44,18 +44,22 @@ def test_hm_bad_rows_go_to_quarantine_and_counts_add_up(spark, warehouse: Path, 
     assert_rejects(quarantined(spark, "ingest_hm", "r1"), expected)
     files = {Path(f["source"]).name: f for f in report["files"]}
     assert {n: (f["input"], f["accepted"], f["quarantined"]) for n, f in files.items()} == {
-        "articles.csv": (7, 4, 3),
-        "customers.csv": (4, 2, 2),
-        "transactions_train.csv": (8, 3, 5),
+        "articles.csv": (9, 5, 4),
+        "customers.csv": (5, 2, 3),
+        "transactions_train.csv": (10, 3, 7),
     }
     articles = tables.read(spark, "ingest_hm", tables.ARTICLES)
-    assert sorted(r["article_id"] for r in articles.collect()) == ["0100000001", "0100000002", "0200000001", "0500000001"]
+    assert sorted(r["article_id"] for r in articles.collect()) == ["0100000001", "0100000002", "0200000001", "0500000001",
+                                                                           "0600000001"]
     first = articles.where("article_id = '0100000001'").first()
     assert first["name"] == "Strap top"  # the first occurrence wins, the duplicate is quarantined
     assert first["product_group_id"] == "0100000" and first["category_l3"] == "Vest top"
     assert first["attributes"]["garment_group_name"] == "Jersey Basic"
     jeans = articles.where("article_id = '0200000001'").first()
     assert jeans["description"] == "Denim, 5-pocket."
+    assert articles.where("article_id = '0600000001'").first()["description"] == 'Soft\ncotton, "long".'
+    bad_bytes = tables.read(spark, "ingest_hm", tables.QUARANTINE).where("row = 10 AND source LIKE '%articles.csv'").first()
+    assert "Bad \ufffd name" in bad_bytes["record"]  # the record as read, for whoever fixes the file
     hoodie = articles.where("article_id = '0500000001'").first()
     assert hoodie["description"] is None and hoodie["image_path"] is None
     transactions = tables.read(spark, "ingest_hm", tables.TRANSACTIONS)
@@ -73,10 +77,10 @@ def _drop_one(df, column: str, value: object):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("write", "file", "expected"),
     [
-        ("articles", "articles.csv", "7 input rows but 3 committed to ingest_lost.articles + 3 in ingest_lost.quarantine"),
+        ("articles", "articles.csv", "9 input rows but 4 committed to {db}.articles + 4 in {db}.quarantine"),
         ("transactions", "transactions_train.csv",
-         "8 input rows but 2 committed to ingest_lost.transactions + 5 in ingest_lost.quarantine"),
-        ("quarantine", "articles.csv", "7 input rows but 4 committed to ingest_lost.articles + 2 in ingest_lost.quarantine"),
+         "10 input rows but 2 committed to {db}.transactions + 7 in {db}.quarantine"),
+        ("quarantine", "articles.csv", "9 input rows but 5 committed to {db}.articles + 3 in {db}.quarantine"),
     ],
 )
 def test_a_row_lost_by_a_write_fails_the_run(spark, warehouse: Path, tmp_path: Path, monkeypatch, write: str,  # type: ignore[no-untyped-def]
@@ -84,7 +88,8 @@ def test_a_row_lost_by_a_write_fails_the_run(spark, warehouse: Path, tmp_path: P
     """The balance is taken from what the writes committed, so a write that drops a row fails
     ingest, naming the file; the parse counts alone would still add up."""
     write_hm(tmp_path / "hm")
-    cfg = test_config(warehouse, "ingest_lost", "data.source=hm", f"data.path={tmp_path / 'hm'}")
+    db = f"ingest_lost_{write}"  # one each: a rerun on the same tables writes no transaction day
+    cfg = test_config(warehouse, db, "data.source=hm", f"data.path={tmp_path / 'hm'}")
     if write == "articles":
         original_articles = ingest_module._write_articles
         monkeypatch.setattr(ingest_module, "_write_articles", lambda spark, cfg, run_id, df, source: original_articles(
@@ -104,26 +109,32 @@ def test_a_row_lost_by_a_write_fails_the_run(spark, warehouse: Path, tmp_path: P
             spark, cfg, run_id, [(s, _drop_one(df, "row", 6) if s.endswith("articles.csv") else df) for s, df in rejected]))
     with pytest.raises(RuntimeError) as err:
         ingest(spark, cfg, "r1")
-    assert f"/{file}: {expected}" in str(err.value) and "1 row(s) unaccounted for" in str(err.value)
+    assert f"/{file}: {expected.format(db=db)}" in str(err.value) and "1 row(s) unaccounted for" in str(err.value)
 
 
 def test_rerun_leaves_the_same_tables(spark, warehouse: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     write_hm(tmp_path / "hm")
     cfg = test_config(warehouse, "ingest_rerun", "data.source=hm", f"data.path={tmp_path / 'hm'}")
-    ingest(spark, cfg, "r1")
+    assert ingest(spark, cfg, "r1")["transaction_days_written"] == 2
     before = {s.name: tables.read(spark, "ingest_rerun", s).collect() for s in
               (tables.ARTICLES, tables.CUSTOMERS, tables.TRANSACTIONS, tables.QUARANTINE)}
-    ingest(spark, cfg, "r1")
+    assert ingest(spark, cfg, "r1")["transaction_days_written"] == 0  # no day differs: none rewritten
     after = {s.name: tables.read(spark, "ingest_rerun", s).collect() for s in
              (tables.ARTICLES, tables.CUSTOMERS, tables.TRANSACTIONS, tables.QUARANTINE)}
     for name in ("articles", "customers", "transactions", "quarantine"):
         assert sorted(map(tuple, before[name]), key=str) == sorted(map(tuple, after[name]), key=str), name
-    # the same run again after line 5's bad article_id was fixed: its quarantine row goes
+    # the same run again after record 5's bad article_id was fixed: its quarantine row goes
     articles = tmp_path / "hm" / "articles.csv"
-    articles.write_text(articles.read_text().replace("12345,0300000", "0300000001,0300000"))
+    articles.write_bytes(articles.read_bytes().replace(b"12345,0300000", b"0300000001,0300000"))
     report = ingest(spark, cfg, "r1")
-    assert [(f["input"], f["accepted"], f["quarantined"]) for f in report["files"]][0] == (7, 5, 2)
-    assert [r for r, _ in quarantined(spark, "ingest_rerun", "r1")["articles.csv"]] == [6, 7]
+    assert [(f["input"], f["accepted"], f["quarantined"]) for f in report["files"]][0] == (9, 6, 3)
+    assert [r for r, _ in quarantined(spark, "ingest_rerun", "r1")["articles.csv"]] == [6, 7, 10]
+    # the next day's file has one more day: that day is appended, the others are not rewritten
+    transactions = tmp_path / "hm" / "transactions_train.csv"
+    transactions.write_text(transactions.read_text() + f"2020-09-05,{'a' * 64},0100000002,0.02,2\n")
+    assert ingest(spark, cfg, "run-2020-09-06")["transaction_days_written"] == 1
+    written = {(str(r["t_dat"]), r["run_id"]) for r in tables.read(spark, "ingest_rerun", tables.TRANSACTIONS).collect()}
+    assert written == {("2020-09-01", "r1"), ("2020-09-02", "r1"), ("2020-09-05", "run-2020-09-06")}
 
 
 def test_changed_and_removed_articles_are_updated(spark, warehouse: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -132,9 +143,9 @@ def test_changed_and_removed_articles_are_updated(spark, warehouse: Path, tmp_pa
     cfg = test_config(warehouse, "ingest_change", "data.source=hm", f"data.path={root}")
     ingest(spark, cfg, "r1")
     old = {r["article_id"]: r for r in tables.read(spark, "ingest_change", tables.ARTICLES).collect()}
-    lines = (root / "articles.csv").read_text().splitlines()
-    lines = [l.replace("Slim jeans", "Skinny jeans") for l in lines if not l.startswith("0500000001")]
-    (root / "articles.csv").write_text("\n".join(lines) + "\n")
+    lines = (root / "articles.csv").read_bytes().splitlines()
+    lines = [l.replace(b"Slim jeans", b"Skinny jeans") for l in lines if not l.startswith(b"0500000001")]
+    (root / "articles.csv").write_bytes(b"\n".join(lines) + b"\n")
     # one article of a few is more than ingest.max_deletion_share (5%): stop, write nothing
     version = DeltaTable.forName(spark, "ingest_change.articles").history(1).first()["version"]
     with pytest.raises(SourceError, match=r"articles.csv: would delete 1 of the \d+ articles .* "
@@ -170,8 +181,8 @@ def test_whole_file_problems_fail_fast_naming_file_and_column(spark, warehouse: 
         ingest(spark, cfg, "r1")
     root = tmp_path / "nocol"
     write_hm(root)
-    text = (root / "articles.csv").read_text().replace("prod_name", "product_name", 1)
-    (root / "articles.csv").write_text(text)
+    text = (root / "articles.csv").read_bytes().replace(b"prod_name", b"product_name", 1)
+    (root / "articles.csv").write_bytes(text)
     cfg = test_config(warehouse, "ingest_bad", "data.source=hm", f"data.path={root}")
     with pytest.raises(SourceError, match=r"nocol/articles.csv: missing required column\(s\) \['prod_name'\]"):
         ingest(spark, cfg, "r1")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 
-from recsys.runlog import flatten_report
+from recsys.runlog import default_run_id, flatten_report, run_date
+
+
+def test_run_date_is_the_date_that_ends_the_run_id_else_today() -> None:
+    assert run_date(default_run_id(dt.date(2020, 9, 23))) == dt.date(2020, 9, 23)
+    assert run_date("nightly-2021-02-28") == dt.date(2021, 2, 28)
+    today = dt.datetime.now(dt.timezone.utc).date()
+    assert run_date("e2e") == today and run_date("run-2021-02-30") == today  # no such day: today
 
 
 def test_flatten_report_keys_numbers_by_path_and_files_by_name() -> None:
