@@ -124,22 +124,31 @@ def labelled_images(spark: SparkSession, cfg: Config) -> DataFrame:
     return frame
 
 
+def training_settings(cfg: Config) -> str:
+    """A 16-hex digest of what decides the training besides the images: ``train.*`` (not
+    ``workers``, ``output_dir``, ``retrain_on_new_images``) and the image arch and size."""
+    settings = cfg.train.model_dump(exclude={"workers", "output_dir", "retrain_on_new_images"})
+    settings.update(arch=cfg.image.arch, height=cfg.image.height, width=cfg.image.width)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def training_recipe(cfg: Config, frame: DataFrame) -> tuple[str, int]:
+    """A 16-hex digest of the settings (:func:`training_settings`) and the labelled images
+    (article, label, path, size, modification time of each), and the number of images."""
     row_hash = F.xxhash64("article_id", "label", "image_path", "length", "modification_time")
     agg = tables.first_row(frame.agg(F.count(F.lit(1)).alias("n"), F.sum(row_hash.cast("decimal(38,0)")).alias("h")))
-    settings = cfg.train.model_dump(exclude={"workers", "output_dir"})
-    settings.update(arch=cfg.image.arch, height=cfg.image.height, width=cfg.image.width, images=int(agg["n"]),
-                    fingerprint=str(agg["h"]))
-    text = json.dumps(settings, sort_keys=True)
+    text = json.dumps({"settings": training_settings(cfg), "images": int(agg["n"]), "fingerprint": str(agg["h"])},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16], int(agg["n"])
 
 
-def _transform(height: int, width: int, max_pixels: int, augment: bool) -> Callable[[pd.DataFrame], pd.DataFrame]:
+def _transform(height: int, width: int, max_pixels: int) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """petastorm's per-row-group transform: decode each image (a blank one with ``ok`` false
+    when it cannot be decoded). Augmentation happens in the training loop, from a seeded
+    generator, so that it does not depend on which reader thread decodes which row group."""
     def transform(batch: pd.DataFrame) -> pd.DataFrame:
         from recsys.encoders.image import ImageDecodeError, decode_image
 
-        rng = np.random.default_rng()
-        pad = max(1, height // 16)
         images, ok = [], []
         for data in batch["content"]:
             try:
@@ -148,16 +157,33 @@ def _transform(height: int, width: int, max_pixels: int, augment: bool) -> Calla
             except ImageDecodeError:
                 image = np.zeros((height, width, 3), dtype=np.uint8)
                 ok.append(False)
-            if augment:
-                padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-                top, left = rng.integers(0, 2 * pad + 1, size=2)
-                image = padded[top : top + height, left : left + width]
-                if rng.random() < 0.5:
-                    image = image[:, ::-1]
             images.append(np.ascontiguousarray(image))
         return pd.DataFrame({"image": images, "label": batch["label"].astype(np.int64), "ok": ok})
 
     return transform
+
+
+def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random translation (reflect-pad by ``height // 16``, crop back) and horizontal flip.
+
+    Args:
+        images: ``(n, height, width, 3)`` uint8.
+        rng: the training run's generator (seeded with ``train.seed``): the same batches in the
+            same order get the same augmentation.
+
+    Returns:
+        ``(n, height, width, 3)`` uint8, a new array.
+    """
+    n, height, width, _ = images.shape
+    pad = max(1, height // 16)
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
+    flips = rng.random(n) < 0.5
+    out = np.empty_like(images)
+    for i, (top, left) in enumerate(offsets):
+        crop = padded[i, top : top + height, left : left + width]
+        out[i] = crop[:, ::-1] if flips[i] else crop
+    return out
 
 
 def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, dict[int, float]]:
@@ -194,13 +220,10 @@ def fit_encoder(
     cache = models_dir(cfg).parent / "petastorm-cache"
     cache.mkdir(parents=True, exist_ok=True)
     fields = [("image", np.uint8, (h, w, 3), False), ("ok", np.bool_, (), False)]
-    specs = {
-        augment: TransformSpec(
-            _transform(h, w, cfg.image.max_pixels, augment), edit_fields=fields, selected_fields=["image", "label", "ok"]
-        )
-        for augment in (True, False)
-    }
+    spec = TransformSpec(_transform(h, w, cfg.image.max_pixels), edit_fields=fields,
+                         selected_fields=["image", "label", "ok"])
     torch.manual_seed(cfg.train.seed)
+    rng = np.random.default_rng(cfg.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_classifier(cfg.image.arch, len(classes), h).to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     for module in model.modules():
@@ -227,7 +250,7 @@ def fit_encoder(
         sums = np.zeros(cfg.train.epochs + 1)
         seen = np.zeros(cfg.train.epochs + 1)
         with train_conv.make_torch_dataloader(
-            transform_spec=specs[True], batch_size=cfg.train.batch_size, num_epochs=cfg.train.epochs,
+            transform_spec=spec, batch_size=cfg.train.batch_size, num_epochs=cfg.train.epochs,
             workers_count=cfg.train.workers, shuffling_queue_capacity=min(max(n_train, 1), 4096),
             seed=cfg.train.seed,
         ) as loader:
@@ -240,7 +263,7 @@ def fit_encoder(
                     unreadable += int((~ok).sum())
                 if not bool(ok.any()):
                     continue
-                x = to_tensor(batch["image"].numpy(), device, channels_last=True)[ok]
+                x = to_tensor(augment(batch["image"].numpy(), rng), device, channels_last=True)[ok]
                 y = batch["label"].to(device)[ok]
                 loss = loss_fn(model(x), y)
                 optimiser.zero_grad(set_to_none=True)
@@ -257,7 +280,7 @@ def fit_encoder(
         model.eval()
         truth, predicted = [], []
         with torch.inference_mode(), holdout_conv.make_torch_dataloader(
-            transform_spec=specs[False], batch_size=256, num_epochs=1, workers_count=cfg.train.workers
+            transform_spec=spec, batch_size=256, num_epochs=1, workers_count=cfg.train.workers
         ) as loader:
             for batch in loader:
                 ok = batch["ok"].numpy().astype(bool)
@@ -310,6 +333,7 @@ def save_checkpoint(
         "state_dict": state,
         "metrics": metrics,
         "recipe": recipe,
+        "settings": training_settings(cfg),
         "run_id": run_id,
     }
     torch.save(checkpoint, path)
@@ -317,6 +341,7 @@ def save_checkpoint(
         "model_id": mid,
         "checkpoint": str(path),
         "recipe": recipe,
+        "settings": training_settings(cfg),
         "metrics": metrics,
         "per_class_f1": result["per_class_f1"],
         "epoch_loss": result["epoch_loss"],

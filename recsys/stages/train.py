@@ -21,6 +21,7 @@ from recsys.training import (
     latest_checkpoint,
     save_checkpoint,
     training_recipe,
+    training_settings,
 )
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,11 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     """Train stage: fit ``image.arch`` on the labelled images and save the checkpoint.
 
     Skips (and says why) when ``image.weights`` is not ``trained``, images or training are off,
-    no labelled image exists, or the latest checkpoint has this run's recipe.
+    no labelled image exists, or the latest checkpoint is current: it was trained with the same
+    settings (:func:`~recsys.training.training_settings`), and, with
+    ``train.retrain_on_new_images``, on the same labelled images too. So the daily run keeps its
+    image model (and the image vectors of unchanged articles) while new images arrive, and
+    retrains when the settings change or when asked.
 
     Returns:
         ``{model_id, checkpoint, images, train_images, holdout_images, classes, epochs,
@@ -41,9 +46,13 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         reason = "image.weights is not 'trained'" if cfg.image.weights != "trained" else "train or image disabled"
         logger.info("train: skipped (%s)", reason)
         return {"skipped": reason}
+    latest = latest_checkpoint(cfg)
+    if latest is not None and not cfg.train.retrain_on_new_images and latest.get("settings") == training_settings(cfg):
+        logger.info("train: skipped, checkpoint %s has these settings (train.retrain_on_new_images is off)",
+                    latest["model_id"])
+        return {"skipped": "checkpoint is current", "model_id": latest["model_id"], **latest.get("metrics", {})}
     frame = labelled_images(spark, cfg).persist()
     recipe, n_images = training_recipe(cfg, frame)
-    latest = latest_checkpoint(cfg)
     if n_images == 0:
         frame.unpersist()
         logger.info("train: skipped (no article has both an image and a %s)", cfg.train.label)

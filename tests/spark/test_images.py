@@ -151,3 +151,7 @@ def test_petastorm_training_lowers_the_loss_and_its_checkpoint_serves_embeddings
     # the same images and recipe: training is skipped, the checkpoint kept
     second = run(spark, cfg, "t2", ("train",))["train"]
     assert second["skipped"] == "checkpoint is current" and second["model_id"] == trained["model_id"]
+    # asked to retrain on new images: the labelled images are the same, so the recipe matches too
+    recheck = run(spark, cfg.model_copy(update={"train": cfg.train.model_copy(update={"retrain_on_new_images": True})}),
+                  "t3", ("train",))["train"]
+    assert recheck["skipped"] == "checkpoint is current" and recheck["model_id"] == trained["model_id"]

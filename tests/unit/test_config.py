@@ -116,3 +116,14 @@ def test_quality_table_has_one_row_per_modality_fused_first() -> None:
     rows = quality_table(metrics)
     assert [r["modality"] for r in rows] == ["fused", "image", "text"]
     assert rows[0]["articles"] == 100 and rows[2]["probe_macro_f1"] == 0.7 and rows[1]["probe_macro_f1"] is None
+
+
+def test_training_settings_change_with_what_decides_the_weights_only() -> None:
+    from recsys.training import training_settings
+
+    base = training_settings(load_config("local"))
+    assert training_settings(load_config("local", ["train.epochs=11"])) != base
+    assert training_settings(load_config("local", ["image.height=64"])) != base
+    # how the run is carried out does not retrain the model
+    for same in ("train.workers=1", "train.output_dir=/elsewhere", "train.retrain_on_new_images=true"):
+        assert training_settings(load_config("local", [same])) == base, same

@@ -22,7 +22,7 @@ from recsys.encoders.image import (
     model_id,
     strip_head,
 )
-from recsys.training import macro_f1
+from recsys.training import augment, macro_f1
 from tests.conftest import REPO
 
 ARCH = "mobilenet_v3_small"
@@ -179,3 +179,16 @@ def test_macro_f1_matches_a_hand_computed_case() -> None:
     assert score == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
     # a class only ever predicted counts (F1 0), as in scikit-learn's macro average
     assert macro_f1(np.array([0, 0]), np.array([0, 3]))[0] == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_augmentation_is_seeded_and_keeps_each_image_a_shifted_or_mirrored_crop() -> None:
+    images = np.random.default_rng(0).integers(0, 255, size=(8, 32, 24, 3), dtype=np.uint8)
+    first = augment(images, np.random.default_rng(42))
+    assert first.shape == images.shape and first.dtype == np.uint8
+    assert np.array_equal(first, augment(images, np.random.default_rng(42)))  # same seed, same batch: same result
+    assert not np.array_equal(first, augment(images, np.random.default_rng(43)))
+    pad = 32 // 16
+    for original, out in zip(images, first):
+        padded = np.pad(original, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        crops = [padded[t : t + 32, l : l + 24] for t in range(2 * pad + 1) for l in range(2 * pad + 1)]
+        assert any(np.array_equal(out, c) or np.array_equal(out, c[:, ::-1]) for c in crops)
