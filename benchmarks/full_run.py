@@ -4,7 +4,7 @@ Prints wall time per stage, peak memory of the driver and its workers, rows per 
 recall@K of LSH against exact (sampled queries) and the share of top-K neighbours that share the
 article's product_type_name, per modality.
 
-    .venv/bin/python benchmarks/full_run.py [--warehouse DIR] [--set key=value ...]
+    .venv/bin/python benchmarks/full_run.py [--warehouse DIR] [--set key=value ...] [--evaluate]
 
 Text embedding is incremental: with a warehouse from an earlier run, unchanged articles are
 skipped and the embed time drops accordingly (the report says how many were embedded).
@@ -21,7 +21,7 @@ from benchmarks.common import PeakMemory, hm_path
 from recsys import tables
 from recsys.cli import configure_logging
 from recsys.config import load_config
-from recsys.pipeline import run
+from recsys.pipeline import RUN_STAGES, run
 from recsys.session import build_spark
 
 
@@ -30,13 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warehouse", default="spark-warehouse-hm")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--run-id", default="bench-full")
+    parser.add_argument("--evaluate", action="store_true", help="also run the evaluate stage")
     args = parser.parse_args(argv)
     configure_logging()
     cfg = load_config("hm", [f"data.path={hm_path()}", f"spark.warehouse_dir={args.warehouse}", *args.set])
     started = time.perf_counter()
     with PeakMemory() as memory:
         spark = build_spark(cfg)
-        report = run(spark, cfg, args.run_id)
+        report = run(spark, cfg, args.run_id, (*RUN_STAGES, "evaluate") if args.evaluate else RUN_STAGES)
     total = time.perf_counter() - started
     db = cfg.data.database
     print(json.dumps(report, indent=1, default=str))

@@ -1,6 +1,6 @@
 """The ``recsys`` command: one subcommand per stage, ``run`` for all, and lookups.
 
-    recsys run [--conf local] [--set knn.k=20] [--run-date 2026-11-21]
+    recsys run [--conf local] [--set knn.k=20] [--run-date 2026-11-21] [--evaluate]
     recsys ingest | train | behaviour | embed | neighbours | recommend | customers | evaluate | maintain   (one stage)
     recsys export-submission submission.csv           (customer_recommendations as customer_id,prediction)
     recsys similar 0108775015                        (an article and its top-K)
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description="Batch product recommender on Spark and Delta Lake.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("run", "run every stage: ingest, train, behaviour, embed, neighbours, recommend, customers, evaluate"),
+        ("run", "the daily refresh: ingest, train, behaviour, embed, neighbours, recommend, customers"),
         ("ingest", "read the source files into Delta (rejects to quarantine)"),
         ("train", "train the image encoder on the catalogue's images (petastorm → PyTorch)"),
         ("embed", "text, image, metadata and fused embeddings (incremental)"),
@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", "time split: MAP@12, recall, NDCG, coverage against baselines; per-modality quality; HTML report"),
         ("maintain", "OPTIMIZE and VACUUM every table (maintain.retention_hours); not part of run"),
     ):
-        _common(sub.add_parser(name, help=text))
+        stage = sub.add_parser(name, help=text)
+        _common(stage)
+        if name == "run":
+            stage.add_argument("--evaluate", action="store_true", help="also run the evaluate stage at the end")
     similar = sub.add_parser("similar", help="print an article and its top-K recommendations")
     _common(similar)
     similar.add_argument("article_id")
@@ -162,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"configuration error:\n{err}\n")
         return 2
 
-    from recsys.pipeline import RUN_STAGES, default_run_id, run
+    from recsys.pipeline import RUN_STAGES, run
+    from recsys.runlog import default_run_id
     from recsys.session import SparkStartError, build_spark
     from recsys.sources.base import SourceError
     from recsys.stages import STAGES
@@ -175,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_id = args.run_id or default_run_id(args.run_date)
     try:
         if args.command in ("run", *STAGES):
-            stages = RUN_STAGES if args.command == "run" else (args.command,)
+            stages = ((*RUN_STAGES, "evaluate") if args.evaluate else RUN_STAGES) if args.command == "run" else (args.command,)
             report = run(spark, cfg, run_id, stages)
             logger.info("run %s report: %s", run_id, json.dumps(report, default=str))
             if args.command in ("run", "recommend"):

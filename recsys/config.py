@@ -129,6 +129,7 @@ class TrainConfig(_Section):
     workers: int = Field(2, ge=1, le=64)
     output_dir: str | None = None
     seed: int = 42
+    retrain_on_new_images: bool = False
 
 
 class QualityConfig(_Section):
@@ -188,6 +189,7 @@ class KNNConfig(_Section):
     exact_block_rows: int = Field(25_000, ge=16, le=10_000_000)
     refit_share: float = Field(0.1, ge=0.0, le=1.0)
     refit_days: int = Field(30, ge=0, le=100_000)
+    recompute: bool = False
 
     @field_validator("modalities")
     @classmethod
@@ -206,6 +208,7 @@ class BehaviourConfig(_Section):
     reg_param: float = Field(0.1, ge=0.0)
     alpha: float = Field(10.0, gt=0.0)
     seed: int = 42
+    refit_days: int = Field(7, ge=0, le=100_000)
 
 
 class CustomersConfig(_Section):

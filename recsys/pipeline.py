@@ -25,13 +25,9 @@ from recsys.stages import STAGES, stage_function
 
 logger = logging.getLogger(__name__)
 
-RUN_STAGES: tuple[str, ...] = tuple(s for s in STAGES if s != "maintain")
-"""What ``recsys run`` (``jobs/refresh.py``) runs by default."""
-
-
-def default_run_id(run_date: dt.date | None = None) -> str:
-    """``run-<date>``: reruns on the same day replace that day's run (idempotent)."""
-    return f"run-{(run_date or dt.datetime.now(dt.timezone.utc).date()).isoformat()}"
+RUN_STAGES: tuple[str, ...] = tuple(s for s in STAGES if s not in ("evaluate", "maintain"))
+"""What ``recsys run`` (``jobs/refresh.py``) runs: the daily refresh. ``evaluate`` runs when asked
+(``recsys evaluate``, or ``recsys run --evaluate``), ``maintain`` on its own schedule."""
 
 
 def run(spark: SparkSession, cfg: Config, run_id: str, stages: Sequence[str] = RUN_STAGES) -> dict[str, Any]:

@@ -114,7 +114,7 @@ QUARANTINE = TableSpec(
         [
             _f("run_id", S, "run that rejected the record", False),
             _f("source", S, "file (or table) the record came from", False),
-            _f("row", LongType(), "line number in the file (1 = first line, the header)", False),
+            _f("row", LongType(), "record number in the file (1 = the header; the line number unless a record spans lines)", False),
             _f("record", S, "the raw record as read"),
             _f("reason", S, "why it was rejected"),
             _f("stage", S, "stage that rejected it: ingest, embed, ..."),
@@ -368,13 +368,41 @@ def merge(
     condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.key)
     builder = target.alias("t").merge(conform(df, spec).alias("s"), condition)
     if not insert_only:
-        data = [f.name for f in spec.schema.fields if f.name not in spec.key and f.name not in BOOKKEEPING]
-        changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in data) if only_changed and data else None
+        data = [f for f in spec.schema.fields if f.name not in spec.key and f.name not in BOOKKEEPING]
+        changed = " OR ".join(_differs(f) for f in data) if only_changed and data else None
         builder = builder.whenMatchedUpdateAll(condition=changed)
     builder = builder.whenNotMatchedInsertAll()
     if delete_missing is not None:
         builder = builder.whenNotMatchedBySourceDelete(condition=delete_missing)
     builder.execute()
+
+
+def _differs(field: StructField) -> str:
+    """SQL: the column differs between ``t`` and ``s`` (null-safe; a map compared as its sorted
+    entries, since maps have no equality in Spark SQL)."""
+    if isinstance(field.dataType, MapType):
+        return f"NOT (array_sort(map_entries(t.`{field.name}`)) <=> array_sort(map_entries(s.`{field.name}`)))"
+    return f"NOT (t.`{field.name}` <=> s.`{field.name}`)"
+
+
+def delete_removed_vectors(spark: SparkSession, database: str, modality: str) -> int:
+    """Delete ``modality``'s rows of ``item_embeddings`` whose article is no longer in
+    ``articles`` (one commit; none when there are none).
+
+    Returns:
+        How many articles lost their vectors.
+    """
+    stale = (
+        read(spark, database, ITEM_EMBEDDINGS).where(F.col("modality") == modality).select("article_id")
+        .join(read(spark, database, ARTICLES).select("article_id"), "article_id", "left_anti").distinct().persist()
+    )
+    n = stale.count()
+    if n:
+        DeltaTable.forName(spark, qualified(database, ITEM_EMBEDDINGS)).alias("t").merge(
+            stale.alias("s"), f"t.modality = {sql_string(modality)} AND t.article_id = s.article_id"
+        ).whenMatchedDelete().execute()
+    stale.unpersist()
+    return n
 
 
 def sql_string(value: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from typing import Any
@@ -9,18 +10,23 @@ from typing import Any
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from recsys import tables
+from recsys import state, tables
 from recsys.behaviour import als_item_vectors, behaviour_model_id
 from recsys.config import Config
 
 logger = logging.getLogger(__name__)
+
+STAGE = "behaviour"
 
 
 def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     """Behaviour stage: ALS item vectors from ``transactions`` into ``item_embeddings``.
 
     Replaces every ``modality = 'behaviour'`` row in one commit. Skips (and says so) when the
-    stage is off or there are no transactions (e.g. the Fashion Product sample).
+    stage is off, when there are no transactions (e.g. the Fashion Product sample), and when the
+    last fit had the same settings and its newest purchase is less than ``behaviour.refit_days``
+    before the newest purchase now: a refit moves every factor, so every behaviour and fused
+    vector and every list would change; daily purchases wait for the weekly refit.
 
     Returns:
         ``{skipped}`` or ``{model_id, transactions, customers, articles_bought, articles, dim,
@@ -49,6 +55,19 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         transactions.unpersist()
         logger.info("behaviour: no transactions, skipped (articles rely on their content modalities)")
         return {"skipped": "no transactions"}
+    settings = {"behaviour": state.fingerprint(cfg.behaviour.model_dump(exclude={"refit_days"})),
+                "last_purchase": str(stats["last"])}
+    last = state.consumed(spark, db, STAGE)
+    fitted_to = last.fingerprints.get("last_purchase")
+    if (fitted_to and last.fingerprints.get("behaviour") == settings["behaviour"] and cfg.behaviour.refit_days
+            and (stats["last"] - dt.date.fromisoformat(fitted_to)).days < cfg.behaviour.refit_days
+            and tables.read(spark, db, tables.ITEM_EMBEDDINGS).where("modality = 'behaviour'").limit(1).count()):
+        transactions.unpersist()
+        tables.delete_removed_vectors(spark, db, "behaviour")  # removed articles leave before the refit
+        reason = (f"fitted by run {last.run_id} on purchases to {fitted_to}; newest purchase {stats['last']} "
+                  f"(behaviour.refit_days {cfg.behaviour.refit_days})")
+        logger.info("behaviour: skipped, %s", reason)
+        return {"skipped": reason}
     mid = behaviour_model_id(cfg.behaviour, int(stats["n"]), stats["last"])
     vectors = als_item_vectors(transactions, cfg.behaviour)
     rows = vectors.select(
@@ -63,6 +82,7 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     tables.replace(spark, db, tables.ITEM_EMBEDDINGS, rows, "modality = 'behaviour'")
     vectors.unpersist()
     transactions.unpersist()
+    state.record(spark, db, STAGE, run_id, {}, settings)
     n = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where("modality = 'behaviour'").count()
     seconds = time.perf_counter() - started
     report = {

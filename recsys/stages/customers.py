@@ -24,8 +24,9 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     """Customers stage: ``customer_recommendations`` for every customer in ``customers``.
 
     Uses all of ``transactions`` and the served ``item_recommendations``. The lists are checked
-    (every customer has K) before they replace the table in one commit, so a failing run leaves
-    the previous lists in place. Skips (and says so) when the stage is off or there are no
+    (every customer has K) before one MERGE makes the table equal to them, writing only the rows
+    that differ (a customer whose list changed, a new customer, the rows of one who left); a
+    failing run leaves the previous lists in place. Skips (and says so) when the stage is off or there are no
     customers or purchases, and when none of its inputs' rows (nor its own table's) changed since
     its last run with the same ``customers`` settings (:func:`recsys.state.unchanged_since_last_run`).
 
@@ -77,7 +78,8 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         reasons: dict[str, int] = dict(
             recs.groupBy(F.split("reason", ":")[0].alias("source")).count().select("source", "count").collect()
         )
-        tables.replace(spark, db, tables.CUSTOMER_RECOMMENDATIONS, recs.withColumn("run_id", F.lit(run_id)), "true")
+        tables.merge(spark, db, tables.CUSTOMER_RECOMMENDATIONS, recs.withColumn("run_id", F.lit(run_id)),
+                     only_changed=True, delete_missing="true")
     finally:
         recs.unpersist()
     state.record(spark, db, STAGE, run_id, {**consumed, **state.versions(spark, db, OUTPUTS)}, settings)

@@ -61,10 +61,11 @@ def article_texts(articles: DataFrame, template: str) -> DataFrame:
 
 
 def embed_text(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
-    """Embed the text of every article whose text or model changed since it was last embedded.
+    """Embed the text of every article whose text or model changed since it was last embedded,
+    and delete the text vectors of articles no longer in ``articles``.
 
     Returns:
-        ``{model_id, articles, embedded, skipped, seconds, texts_per_s}``.
+        ``{model_id, articles, embedded, skipped, stale_removed, seconds, texts_per_s}``.
     """
     db = cfg.data.database
     path = resolve_model_path(cfg.text.model)
@@ -114,6 +115,7 @@ def embed_text(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
             tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors)
     seconds = time.perf_counter() - started
     todo.unpersist()
+    n_stale = tables.delete_removed_vectors(spark, db, "text")
     rate = n_todo / seconds if n_todo and seconds > 0 else 0.0
     logger.info(
         "embed text: %d articles, %d embedded, %d unchanged, %.1f s, %.1f texts/s (model %s)",
@@ -124,9 +126,11 @@ def embed_text(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         "articles": n_all,
         "embedded": n_todo,
         "skipped": n_all - n_todo,
+        "stale_removed": n_stale,
         "seconds": round(seconds, 2),
         "texts_per_s": round(rate, 2),
     }
+
 
 
 def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> dict[str, Any]:
@@ -293,7 +297,9 @@ def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, A
     ``OneHotEncoder`` with ``dropLast=True``, so a missing value is the all-zero part), scaled by
     ``sqrt(weight_c)``, concatenated and L2-normalised: the cosine of two articles is the
     weighted share of attributes they have in common. Labels are fitted on the whole current
-    catalogue each run, so the vectors are always recomputed (cheap) and replace the last ones.
+    catalogue each run, so the vectors are always computed (cheap), but only the rows whose
+    vector or model changed are written (MERGE): a day that adds no new label rewrites only the
+    new and changed articles, and removed articles lose their vector.
 
     Returns:
         ``{model_id, articles, dim, seconds}``.
@@ -334,10 +340,10 @@ def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, A
         F.lit(mid).alias("model_id"),
         normalise(vector_to_array(F.col("onehot"), "float32")).alias("vector"),
         F.lit(dim).alias("dim"),
-        F.lit(mid).alias("content_hash"),
+        F.sha2(F.concat_ws("|", F.lit(mid), F.to_json(F.struct(*columns))), 256).alias("content_hash"),
         F.lit(run_id).alias("run_id"),
     )
-    tables.replace(spark, db, tables.ITEM_EMBEDDINGS, vectors, "modality = 'metadata'")
+    tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors, only_changed=True, delete_missing="t.modality = 'metadata'")
     seconds = time.perf_counter() - started
     n = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where("modality = 'metadata'").count()
     logger.info("embed metadata: %d articles, dim %d, %.1f s (model %s)", n, dim, seconds, mid)
@@ -346,6 +352,10 @@ def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, A
 
 def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str]) -> dict[str, Any]:
     """Fuse each article's modality vectors (:func:`fuse_vectors`) into ``modality='fused'``.
+
+    Every fused vector is computed, but only those that differ from the stored one (a part
+    changed, or the layout did) are written, in one MERGE that also deletes the fused vectors of
+    articles that no longer have any part.
 
     Args:
         model_ids: the model per modality to fuse (modalities with weight 0 are left out).
@@ -375,7 +385,8 @@ def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str
             F.lit(mid).alias("content_hash"),
             F.lit(run_id).alias("run_id"),
         )
-        tables.replace(spark, cfg.data.database, tables.ITEM_EMBEDDINGS, rows, "modality = 'fused'")
+        tables.merge(spark, cfg.data.database, tables.ITEM_EMBEDDINGS, rows, only_changed=True,
+                     delete_missing="t.modality = 'fused'")
     finally:
         vectors.unpersist()
     n = tables.read(spark, cfg.data.database, tables.ITEM_EMBEDDINGS).where("modality = 'fused'").count()

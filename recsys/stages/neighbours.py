@@ -36,7 +36,8 @@ def category_precision(spark: SparkSession, cfg: Config, neighbours: DataFrame, 
 def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     """Top-K neighbours for each configured modality (``cfg.knn.modalities``).
 
-    Writes ``item_neighbours`` (the modality's rows replaced in one commit). For the fused
+    Writes ``item_neighbours`` (one MERGE per modality: the modality's rows become the new lists,
+    only rows that differ are written). For the fused
     vectors, each pair also carries the cosine in every modality (``modality_scores``).
 
     Quality per modality: category precision@K over all its articles and over the articles that
@@ -56,7 +57,8 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         Per modality: ``mode`` (full, update, unchanged) and its ``reason``, ``changed`` and
         ``removed`` vectors, ``index_id``, ``articles``, ``rows``, ``seconds``, ``recall_at_k``
         (LSH against exact on ``cfg.knn.recall_sample`` queries), ``category_precision_at_k``,
-        ``category_precision_common_at_k``, ``probe_macro_f1``, ``probe_accuracy``; and
+        ``category_precision_common_at_k``, ``probe_macro_f1``, ``probe_accuracy`` (full mode only);
+        and
         ``common_articles``.
     """
     db = cfg.data.database
@@ -116,12 +118,13 @@ def plan(
 
     The vectors that changed are the difference between ``item_embeddings`` and ``articles`` at
     the versions the last run consumed and now: new or changed vectors (article_id and vector
-    compared) and removed articles.
+    compared) and removed articles. With ``knn.recompute`` a usable saved index is kept but every
+    list is searched again (``full`` with ``saved``): what an update must equal.
     """
     db = cfg.data.database
     if cfg.knn.backend != "lsh":
         return Plan("full", f"backend {cfg.knn.backend} keeps no index")
-    if previous is None:
+    if previous is None and not cfg.knn.recompute:
         return Plan("full", "no previous run with these knn settings")
     saved = load_index(spark, db, modality)
     params = LSHParams(**cfg.knn.lsh.model_dump())
@@ -134,6 +137,9 @@ def plan(
     age = dt.datetime.now() - saved.fitted_at
     if cfg.knn.refit_days and age > dt.timedelta(days=cfg.knn.refit_days):
         return Plan("full", f"the index is {age.days} days old (knn.refit_days {cfg.knn.refit_days})")
+    if cfg.knn.recompute:
+        return Plan("full", "knn.recompute: every list searched again with the saved index", saved)
+    assert previous is not None
     old_embeddings = state.as_of(spark, db, tables.ITEM_EMBEDDINGS, previous.versions["item_embeddings"])
     old_articles = state.as_of(spark, db, tables.ARTICLES, previous.versions["articles"])
     if old_embeddings is None or old_articles is None:
@@ -190,6 +196,10 @@ def _neighbours_of(
             result = update_top_k(vectors, how.previous, how.changed, knn.k, how.saved.index, segments, knn.block_size,
                                   knn.exact_block_rows)
             index_id = how.saved.index_id
+        elif knn.backend == "lsh" and how.saved is not None:  # knn.recompute
+            index_id = how.saved.index_id
+            result = top_k(vectors, knn.k, "lsh", segments=segments, block_size=knn.block_size,
+                           block_rows=knn.exact_block_rows, index=how.saved.index)
         elif knn.backend == "lsh":
             index = fit_index(vectors, params)
             index_id = save_index(spark, db, modality, index, model_ids[modality], n_vectors, run_id)
@@ -217,7 +227,8 @@ def _neighbours_of(
         scores.alias("modality_scores"),
         F.lit(run_id).alias("run_id"),
     )
-    tables.replace(spark, db, tables.ITEM_NEIGHBOURS, rows, f"modality = '{modality}'")
+    # one commit; only the rows that differ are written (an update touches few lists)
+    tables.merge(spark, db, tables.ITEM_NEIGHBOURS, rows, only_changed=True, delete_missing=f"t.modality = '{modality}'")
     seconds = time.perf_counter() - started
     written = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
     counts = tables.first_row(written.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles")))
@@ -236,7 +247,8 @@ def _neighbours_of(
             category_precision(spark, cfg, written.join(common, "article_id", "left_semi")), 4
         ),
     }
-    entry.update(linear_probe(spark, cfg, vectors.join(common, "article_id", "left_semi")))
+    if how.mode == "full":  # the probe fits a classifier: a property of the vectors, measured when refitted
+        entry.update(linear_probe(spark, cfg, vectors.join(common, "article_id", "left_semi")))
     if cfg.knn.recall_sample and cfg.knn.backend != "exact":
         t0 = time.perf_counter()
         r = recall_at_k(vectors, written, cfg.knn.k, cfg.knn.recall_sample)

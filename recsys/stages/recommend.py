@@ -21,7 +21,9 @@ OUTPUTS = (tables.ITEM_RECOMMENDATIONS,)
 
 def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     """``item_recommendations``: the fused neighbours (or, when fusion is off, the first
-    configured modality's) with each modality's score, replacing the previous lists.
+    configured modality's) with each modality's score. One MERGE makes the table equal to the
+    lists and writes only the rows that differ (a list that changed, one that is new, the rows of
+    a removed article), so readers see the previous lists or the new ones, never a mix.
 
     Skips (and says so) when ``item_neighbours`` and ``item_recommendations`` kept their rows
     since its last run with the same ``knn.modalities``.
@@ -55,7 +57,7 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         F.coalesce("modality_scores", F.create_map(F.lit(modality), F.col("score"))).alias("modality_scores"),
         F.lit(run_id).alias("run_id"),
     )
-    tables.replace(spark, db, tables.ITEM_RECOMMENDATIONS, rows, "true")
+    tables.merge(spark, db, tables.ITEM_RECOMMENDATIONS, rows, only_changed=True, delete_missing="true")
     state.record(spark, db, STAGE, run_id, {**consumed, **state.versions(spark, db, OUTPUTS)}, settings)
     counts = tables.first_row(
         tables.read(spark, db, tables.ITEM_RECOMMENDATIONS)

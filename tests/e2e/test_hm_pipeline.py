@@ -97,6 +97,7 @@ def hm_run(spark, warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             "--set", "evaluate.leave_one_out=false",
             "--set", "evaluate.each_modality=false",
             "--run-id", "e2e",
+            "--evaluate",
         ]
     )
     assert code == 0

@@ -1,0 +1,126 @@
+"""The daily refresh on a slice of the real H&M data: day N, a rerun, day N+1 (new, changed and
+removed articles, new images, a new day of purchases) while a reader reads, and day N+1 again
+from scratch with the same fitted models: every output table equal.
+
+The day files are written at test time from ../shared/data/hm (benchmarks/refresh.py's
+``write_day``); nothing of the H&M data is in the repository.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+
+import pytest
+from delta.tables import DeltaTable
+from pyspark.sql import functions as F
+
+from benchmarks.refresh import compare_tables, copy_fitted, plan_days, write_day
+from recsys import tables
+from recsys.pipeline import RUN_STAGES, run
+from recsys.runlog import default_run_id
+from recsys.stages import maintain
+from tests.conftest import hm_data, test_config
+
+pytestmark = pytest.mark.spark
+
+K = 5
+
+
+def whole_lists(spark, db: str, spec: tables.TableSpec, key: str) -> tuple[int, bool]:  # type: ignore[no-untyped-def]
+    """One read of a list table: (keys, whether every key has ranks 1..K exactly once)."""
+    stats = tables.first_row(
+        tables.read(spark, db, spec).groupBy(key)
+        .agg(F.count(F.lit(1)).alias("n"), F.countDistinct("rank").alias("ranks"), F.max("rank").alias("top"))
+        .agg(F.count(F.lit(1)).alias("keys"),
+             F.sum(((F.col("n") != K) | (F.col("ranks") != K) | (F.col("top") != K)).cast("int")).alias("broken"))
+    )
+    return int(stats["keys"]), not stats["broken"]
+
+
+def test_an_incremental_day_equals_a_full_recompute_and_readers_see_whole_lists(  # type: ignore[no-untyped-def]
+        spark, warehouse: Path, tmp_path: Path) -> None:
+    source = hm_data()
+    days = plan_days(source, 150)
+    files = tmp_path / "hm"
+
+    def config(db: str, *extra: str):  # type: ignore[no-untyped-def]
+        # batch size 1: a text or image is embedded alone, the same bits whatever else is embedded
+        return test_config(
+            warehouse, db, "data.source=hm", f"data.path={files}", "image.weights=none", "image.height=64",
+            "image.width=48", "text.batch_size=1", "image.batch_size=1", "quality.probe_max_iter=0",
+            "knn.recall_sample=0", f"knn.k={K}", f"customers.k={K}", "knn.lsh.target_bucket_size=25",
+            "knn.lsh.probes=4", "knn.modalities=[fused, text, image]", "behaviour.min_purchases=1",
+            "behaviour.max_iter=3", "behaviour.refit_days=30", *extra)
+
+    day_n, day_n1 = default_run_id(days.last_day), default_run_id(days.last_day + dt.timedelta(days=1))
+    write_day(source, files, days, next_day=False)
+    first = run(spark, config("refresh_a"), day_n, RUN_STAGES)
+    assert first["ingest"]["articles"] == len(days.ids) - len(days.held_back)
+    # the same day again: nothing to do
+    again = run(spark, config("refresh_a"), day_n, RUN_STAGES)
+    assert again["ingest"]["transaction_days_written"] == 0 and again["embed"]["text"]["embedded"] == 0
+    assert first["embed"]["image"]["embedded"] > 0 and again["embed"]["image"]["embedded"] == 0
+    assert again["behaviour"]["skipped"].startswith("fitted by run")
+    assert {m: v["mode"] for m, v in again["neighbours"].items() if isinstance(v, dict)} == dict.fromkeys(
+        ("fused", "text", "image"), "unchanged")
+    assert tables.read(spark, "refresh_a", tables.RUNS).count() == 1  # the same run id: one row, replaced
+    assert again["recommend"]["skipped"] == again["customers"]["skipped"] == f"inputs unchanged since run {day_n}"
+
+    # day N+1, with a reader reading the served lists all along
+    write_day(source, files, days, next_day=True)
+    reads: list[tuple[int, bool, int, bool]] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            reads.append((*whole_lists(spark, "refresh_a", tables.ITEM_RECOMMENDATIONS, "article_id"),
+                          *whole_lists(spark, "refresh_a", tables.CUSTOMER_RECOMMENDATIONS, "customer_id")))
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        incremental = run(spark, config("refresh_a"), day_n1, RUN_STAGES)
+    finally:
+        done.set()
+        thread.join()
+    assert incremental["ingest"]["transaction_days_written"] == 1  # the new day, and only it
+    assert incremental["embed"]["text"]["embedded"] == len(days.held_back) + len(days.changed)
+    assert incremental["embed"]["image"]["embedded"] == len(days.held_back)  # the new articles' images
+    assert incremental["behaviour"]["skipped"].startswith("fitted by run")  # ALS waits for its weekly refit
+    assert incremental["neighbours"]["text"]["mode"] == incremental["neighbours"]["image"]["mode"] == "update"
+    articles_before, articles_after = len(days.ids) - len(days.held_back), len(days.ids) - len(days.removed)
+    assert len(reads) >= 3 and all(whole_items and whole_customers for _, whole_items, _, whole_customers in reads)
+    assert {n for n, _, _, _ in reads} <= {articles_before, articles_after}  # one version or the other, never a mix
+
+    # day N+1 from scratch, with the fitted LSH index and ALS factors of the incremental run
+    copy_fitted(spark, "refresh_a", "refresh_b")
+    full = run(spark, config("refresh_b", "knn.recompute=true"), day_n1, RUN_STAGES)
+    assert full["neighbours"]["text"]["mode"] == "full" and "recompute" in full["neighbours"]["text"]["reason"]
+    compared = compare_tables(spark, "refresh_a", "refresh_b")
+    assert compared["articles"]["rows_a"] == articles_after and compared["transactions"]["rows_a"] > 0
+    assert compared["customer_recommendations"]["rows_a"] > 0
+    assert {name: (c["only_a"], c["only_b"]) for name, c in compared.items()} == {name: (0, 0) for name in compared}
+
+    # maintain: OPTIMIZE and VACUUM (retention 0 here) keep every table's rows and delete the
+    # files no current version needs
+    location = Path(tables.location(spark, "refresh_a", tables.ITEM_EMBEDDINGS).removeprefix("file:"))
+    def data_files() -> int:  # not the Delta log's checkpoints
+        return sum("_delta_log" not in p.parts for p in location.rglob("*.parquet"))
+
+    files_before = data_files()
+    cfg = config("refresh_a")
+    rows = {s.name: tables.read(spark, "refresh_a", s).count() for s in (tables.ITEM_EMBEDDINGS, tables.ITEM_NEIGHBOURS)}
+    report = maintain.run(spark, cfg.model_copy(update={"maintain": cfg.maintain.model_copy(
+        update={"retention_hours": 0, "tables": ["item_embeddings", "item_neighbours"]})}), "run-m")
+    assert set(report) == {"retention_hours", "item_embeddings", "item_neighbours"}
+    assert {name: tables.read(spark, "refresh_a", s).count() for name, s in
+            (("item_embeddings", tables.ITEM_EMBEDDINGS), ("item_neighbours", tables.ITEM_NEIGHBOURS))} == rows
+    current = int(DeltaTable.forName(spark, "refresh_a.item_embeddings").detail().first()["numFiles"])
+    assert report["item_embeddings"]["files_after"] == current == data_files() < files_before
+    # a retention other than 0 goes into the table property Delta 4's VACUUM reads
+    maintain.run(spark, cfg.model_copy(update={"maintain": cfg.maintain.model_copy(
+        update={"retention_hours": 24, "tables": ["item_neighbours"], "optimize": False})}), "run-m")
+    properties = DeltaTable.forName(spark, "refresh_a.item_neighbours").detail().first()["properties"]
+    assert properties["delta.deletedFileRetentionDuration"] == "interval 24 hours"
