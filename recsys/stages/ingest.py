@@ -17,7 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 from delta.tables import DeltaTable
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from recsys import tables
@@ -128,14 +128,20 @@ def deletion_guard(spark: SparkSession, cfg: Config, accepted: DataFrame, source
 def _unknown_reference(df: DataFrame, column: str, known: DataFrame, path: str) -> tuple[DataFrame, DataFrame]:
     """Split ``df`` (parsed rows with ``_row``) on whether ``column`` exists in ``known``."""
     flagged = df.join(known.select(column).withColumn("_known", F.lit(True)), column, "left")
-    good = flagged.where(F.col("_known").isNotNull()).drop("_known")
-    bad = flagged.where(F.col("_known").isNull()).select(
+    bad = flagged.where(F.col("_known").isNull()).select(*df.columns)
+    return flagged.where(F.col("_known").isNotNull()).drop("_known"), _rejects(
+        bad, path, F.concat(F.lit(f"unknown {column} "), F.col(column)))
+
+
+def _rejects(bad: DataFrame, path: str, reason: Column) -> DataFrame:
+    """``bad`` (parsed rows with ``_row``) as quarantine records: ``(source, row, record, reason)``,
+    the record being the parsed row as JSON."""
+    return bad.select(
         F.lit(path).alias("source"),
         F.col(ROW).alias("row"),
-        F.to_json(F.struct(*[c for c in df.columns if c != ROW])).alias("record"),
-        F.concat(F.lit(f"unknown {column} "), F.col(column)).alias("reason"),
+        F.to_json(F.struct(*[c for c in bad.columns if c != ROW])).alias("record"),
+        reason.alias("reason"),
     )
-    return good, bad
 
 
 def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
@@ -286,10 +292,5 @@ def _after_run_date(df: DataFrame, day: dt.date, path: str) -> tuple[DataFrame, 
     """Split ``df`` (parsed rows with ``t_dat`` and ``_row``) on whether ``t_dat`` is after ``day``,
     the run's date: a future date would move every customer's "as of" day."""
     late = F.col("t_dat") > F.lit(day.isoformat()).cast("date")
-    bad = df.where(late).select(
-        F.lit(path).alias("source"),
-        F.col(ROW).alias("row"),
-        F.to_json(F.struct(*[c for c in df.columns if c != ROW])).alias("record"),
-        F.concat(F.lit("t_dat "), F.col("t_dat").cast("string"), F.lit(f" is after the run date {day.isoformat()}")).alias("reason"),
-    )
-    return df.where(~late), bad
+    reason = F.concat(F.lit("t_dat "), F.col("t_dat").cast("string"), F.lit(f" is after the run date {day.isoformat()}"))
+    return df.where(~late), _rejects(df.where(late), path, reason)
