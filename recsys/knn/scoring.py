@@ -103,15 +103,19 @@ def score_cell_rows(rows: DataFrame, dim: int, k: int, max_bucket: int, seed: in
                     segments: Segments = ()) -> DataFrame:
     """Score shuffled cell rows (:data:`recsys.knn.arrow.CELL_ROW_SCHEMA`): one group of cells at a time.
 
-    Rows are shuffled by ``grp``; a task holds its partition's rows (Arrow, about
-    ``copies × n × d × 4 / partitions`` bytes), and for each group runs :func:`score_cells` and
-    emits each query's top-``k`` within the group (:func:`pair_schema`).
+    Rows are grouped by ``grp``: one Python call holds one group's rows (Arrow, about
+    ``rows × d × 4`` bytes; :data:`recsys.knn.index.GROUP_ROWS` sets the home articles per group),
+    runs :func:`score_cells` and emits each query's top-``k`` within the group (:func:`pair_schema`).
     """
     order_plane = np.random.default_rng(seed + 7919).standard_normal(dim).astype(np.float32)
     n_seg = len(segments)
 
-    def flush(parts: list[pa.RecordBatch]) -> pa.RecordBatch | None:
-        table = pa.Table.from_batches(parts).combine_chunks()
+    def score(group: pa.Table) -> pa.Table:
+        """One group's rows → each query's top-k pairs within the group."""
+        task_threads()
+        table = group.combine_chunks()
+        if table.num_rows == 0:
+            return pa.Table.from_batches([], pair_schema_arrow)
         vec = vectors_of(table.column("vec").chunk(0), dim)
         ids = table.column("idx").to_numpy()
         spans = []
@@ -120,45 +124,33 @@ def score_cell_rows(rows: DataFrame, dim: int, k: int, max_bucket: int, seed: in
             off = col.offsets.to_numpy()
             spans.append((np.repeat(np.arange(len(col), dtype=np.int64), np.diff(off)), col.flatten().to_numpy()))
         result = score_cells(vec, ids, spans[0], spans[1], k, max_bucket, vec @ order_plane, block_size)
-        if len(result.rows) == 0:
-            return None
         seg = segment_cosines(vec[result.rows], vec[result.cols], segments) if n_seg else None
-        return pairs_batch(ids[result.rows], ids[result.cols], result.scores, seg)
+        return pa.Table.from_batches([pairs_batch(ids[result.rows], ids[result.cols], result.scores, seg)])
 
-    def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        task_threads()
-        parts = [b for b in batches if b.num_rows]
-        if not parts:
-            return
-        table = pa.Table.from_batches(parts)
-        grp = table.column("grp").to_numpy()
-        order = np.argsort(grp, kind="stable")
-        bounds = np.r_[0, np.flatnonzero(np.diff(grp[order])) + 1, len(grp)]
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            out = flush([table.take(pa.array(order[lo:hi])).combine_chunks().to_batches()[0]])
-            if out is not None:
-                yield out
+    pair_schema_arrow = pairs_batch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                                    np.zeros((0, n_seg), np.float32) if n_seg else None).schema
 
-    return rows.repartition(partitions(rows), "grp").mapInArrow(score, pair_schema(segments))  # type: ignore[arg-type]
+    # groupBy, not repartition + mapInArrow: a repartition whose child is already hash-partitioned
+    # on grp (a join on grp upstream) is planned away, and AQE may then read that join's shuffle
+    # locally (one task per map output), splitting a group over tasks; pairs across the split are
+    # never scored (apache/spark#30432, #33541: only a repartition at the root of the plan is kept).
+    # A grouped operator's required distribution survives every AQE rule.
+    return rows.groupBy("grp").applyInArrow(score, pair_schema(segments))  # type: ignore[arg-type]
 
 
 def merge_pairs(pairs: DataFrame, k: int, segments: Segments = ()) -> DataFrame:
     """Shuffle candidate pairs by query and keep the global top-``k`` (``pair_schema(segments, ranked=True)``)."""
 
-    def merge(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        parts = [b for b in batches if b.num_rows]
-        if not parts:
-            return
-        table = pa.Table.from_batches(parts).combine_chunks()
+    def merge(table: pa.Table) -> pa.Table:
+        table = table.drop_columns(["_part"]).combine_chunks()
         keep, rank = merge_top_k(table.column("idx").to_numpy(), table.column("nidx").to_numpy(),
                                  table.column("score").to_numpy(), k)
-        out = table.take(pa.array(keep))
-        yield pa.RecordBatch.from_arrays(
-            [*out.combine_chunks().to_batches()[0].columns, pa.array(rank)],
-            names=[*table.schema.names, "rank"],
-        )
+        return table.take(pa.array(keep)).append_column("rank", pa.array(rank))
 
-    return pairs.repartition(partitions(pairs), "idx").mapInArrow(merge, pair_schema(segments, ranked=True))  # type: ignore[arg-type]
+    # every pair of a query in one call: grouped by a slice of idx (one group per shuffle
+    # partition), for the reason given in score_cell_rows
+    part = F.pmod(F.col("idx"), F.lit(partitions(pairs))).alias("_part")
+    return pairs.select("*", part).groupBy("_part").applyInArrow(merge, pair_schema(segments, ranked=True))  # type: ignore[arg-type]
 
 
 def materialised(result: DataFrame) -> DataFrame:
