@@ -135,7 +135,7 @@ def score_cell_rows(rows: DataFrame, dim: int, k: int, max_bucket: int, seed: in
     # locally (one task per map output), splitting a group over tasks; pairs across the split are
     # never scored (apache/spark#30432, #33541: only a repartition at the root of the plan is kept).
     # A grouped operator's required distribution survives every AQE rule.
-    return rows.groupBy("grp").applyInArrow(score, pair_schema(segments))  # type: ignore[arg-type]
+    return rows.groupBy("grp").applyInArrow(score, pair_schema(segments))
 
 
 def merge_pairs(pairs: DataFrame, k: int, segments: Segments = ()) -> DataFrame:
@@ -150,7 +150,7 @@ def merge_pairs(pairs: DataFrame, k: int, segments: Segments = ()) -> DataFrame:
     # every pair of a query in one call: grouped by a slice of idx (one group per shuffle
     # partition), for the reason given in score_cell_rows
     part = F.pmod(F.col("idx"), F.lit(partitions(pairs))).alias("_part")
-    return pairs.select("*", part).groupBy("_part").applyInArrow(merge, pair_schema(segments, ranked=True))  # type: ignore[arg-type]
+    return pairs.select("*", part).groupBy("_part").applyInArrow(merge, pair_schema(segments, ranked=True))
 
 
 def materialised(result: DataFrame) -> DataFrame:
