@@ -66,7 +66,7 @@ def prepare(vectors: DataFrame) -> tuple[DataFrame, int, int]:
     stats = first_row(prepared.agg(
         F.count(F.lit(1)).alias("n"),
         F.count(F.when(F.col("idx") < 0, 1)).alias("no_id"),
-        F.countDistinct("article_id").alias("ids"),
+        (F.max("idx") + 1).alias("ids"),  # idx ranks the distinct ids: no second shuffle for countDistinct
         F.min(F.when(flag != VECTOR_NULL, F.col("dim"))).alias("lo"),
         F.max(F.when(flag != VECTOR_NULL, F.col("dim"))).alias("hi"),
         *[F.count(F.when(flag == code, 1)).alias(f"n{code}") for code in (VECTOR_NULL, VECTOR_NONFINITE, VECTOR_ZERO)],
