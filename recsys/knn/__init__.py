@@ -55,10 +55,11 @@ re-searches only the articles a change can affect and equals a full run with the
 
 How the work spreads (``exact`` and ``lsh``): the assignment of vectors to cells is a
 ``mapInArrow`` over the distributed vectors; rows ``(group, idx, vector, home cells, probed
-cells)`` are shuffled so each *group* of nearby cells lands in one partition (an article is
-copied once per group it touches, not once per probed cell); a second ``mapInArrow`` scores the
-cells of each group as dense ``torch`` products and emits each query's top-K in that group; a
-shuffle by query merges them into the global top-K. The driver holds only the hash functions
+cells)`` are grouped so each *group* of nearby cells is one call of a grouped Arrow function
+(``groupBy("grp").applyInArrow``; an article is copied once per group it touches, not once per
+probed cell), which scores the cells as dense ``torch`` products and emits each query's top-K in
+that group; a second grouped function, by slices of the query index, merges them into the
+global top-K. The driver holds only the hash functions
 (centroids, hyperplanes), the k-means training sample (at most ``sample_size`` vectors) and
 small counts: nothing collects all vectors.
 
