@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_schema
 
 from recsys.knn.arrow import (
     PREPARED_SCHEMA,
@@ -125,10 +126,11 @@ def score_cell_rows(rows: DataFrame, dim: int, k: int, max_bucket: int, seed: in
             spans.append((np.repeat(np.arange(len(col), dtype=np.int64), np.diff(off)), col.flatten().to_numpy()))
         result = score_cells(vec, ids, spans[0], spans[1], k, max_bucket, vec @ order_plane, block_size)
         seg = segment_cosines(vec[result.rows], vec[result.cols], segments) if n_seg else None
-        return pa.Table.from_batches([pairs_batch(ids[result.rows], ids[result.cols], result.scores, seg)])
+        # a grouped function's result must match the schema exactly (list<element: float not null>)
+        return pa.Table.from_batches([pairs_batch(ids[result.rows], ids[result.cols], result.scores, seg)]).cast(
+            pair_schema_arrow)
 
-    pair_schema_arrow = pairs_batch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
-                                    np.zeros((0, n_seg), np.float32) if n_seg else None).schema
+    pair_schema_arrow = to_arrow_schema(pair_schema(segments))
 
     # groupBy, not repartition + mapInArrow: a repartition whose child is already hash-partitioned
     # on grp (a join on grp upstream) is planned away, and AQE may then read that join's shuffle
@@ -145,7 +147,9 @@ def merge_pairs(pairs: DataFrame, k: int, segments: Segments = ()) -> DataFrame:
         table = table.drop_columns(["_part"]).combine_chunks()
         keep, rank = merge_top_k(table.column("idx").to_numpy(), table.column("nidx").to_numpy(),
                                  table.column("score").to_numpy(), k)
-        return table.take(pa.array(keep)).append_column("rank", pa.array(rank))
+        return table.take(pa.array(keep)).append_column("rank", pa.array(rank)).cast(ranked_schema)
+
+    ranked_schema = to_arrow_schema(pair_schema(segments, ranked=True))
 
     # every pair of a query in one call: grouped by a slice of idx (one group per shuffle
     # partition), for the reason given in score_cell_rows
