@@ -69,7 +69,9 @@ def recall_at_k(
         q_pos, q_score = found.column("q").to_numpy(), found.column("score").to_numpy()
         order = np.lexsort((-q_score, q_pos))
         starts = np.searchsorted(q_pos[order], np.arange(n_q))
-        kth = q_score[order][starts + want - 1]  # every task returns want per query: at least want in all
+        # each batch returns its best min(want, rows) per query (self as -inf), so a query has at least
+        # want finite scores in all and its top want are among them
+        kth = q_score[order][starts + want - 1]
         kth_of = dict(zip(chosen.column("article_id").to_pylist(), kth.tolist()))
         rows = (result.join(indexed.sparkSession.createDataFrame([(a,) for a in kth_of], "article_id string"),
                             "article_id", "left_semi")
