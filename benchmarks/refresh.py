@@ -6,9 +6,9 @@ articles and with the transactions before the last day; day N+1 adds the held-ba
 their images), changes 0.5% of the descriptions, removes 0.2% of the articles and adds the last
 day of transactions. Both days are written in turn into one source folder, as a daily export
 would update it, and run into database ``refresh_a``; database ``refresh_b`` then runs day N+1 from
-scratch with the same fitted models (the LSH index, with ``knn.recompute``, and the ALS factors,
-which the daily run refits weekly; :func:`copy_fitted`), and every output table of the two is
-compared (bookkeeping columns left out, floats rounded to 5 decimals).
+scratch with the same fitted models (the LSH index, with ``knn.recompute``, the metadata
+vocabulary and the ALS factors, which the daily run refits weekly; :func:`copy_fitted`), and every
+output table of the two is compared (bookkeeping columns left out, floats rounded to 5 decimals).
 
     .venv/bin/python -m benchmarks.refresh --data ../shared/data/hm --work /tmp/refresh \
         [--articles 5000] [--conf hm] [--set key=value ...]
@@ -179,12 +179,15 @@ def compare_tables(spark: SparkSession, db_a: str, db_b: str) -> dict[str, dict[
 
 
 def copy_fitted(spark: SparkSession, db_from: str, db_to: str) -> None:
-    """Put ``db_from``'s fitted models into the empty database ``db_to``: the saved LSH indexes
-    and the ALS behaviour vectors with the behaviour stage's record (which the daily run keeps
-    between refits). A full run of ``db_to`` then recomputes everything else from its inputs
-    with the same models, which is what an incremental run of ``db_from`` must equal."""
+    """Put ``db_from``'s fitted models into the empty database ``db_to``: the saved LSH indexes,
+    the metadata vocabulary (labels keep their one-hot slots from day to day) and the ALS
+    behaviour vectors with the behaviour stage's record (which the daily run keeps between
+    refits). A full run of ``db_to`` then recomputes everything else from its inputs with the
+    same models, which is what an incremental run of ``db_from`` must equal."""
     tables.ensure_tables(spark, db_to)
     tables.replace(spark, db_to, tables.LSH_INDEX, tables.read(spark, db_from, tables.LSH_INDEX), "true")
+    vocabulary = tables.read(spark, db_from, tables.MODELS).where("modality = 'metadata'")
+    tables.replace(spark, db_to, tables.MODELS, vocabulary, "modality = 'metadata'")
     behaviour = tables.read(spark, db_from, tables.ITEM_EMBEDDINGS).where("modality = 'behaviour'")
     tables.replace(spark, db_to, tables.ITEM_EMBEDDINGS, behaviour, "modality = 'behaviour'")
     record = tables.read(spark, db_from, tables.STAGE_STATE).where("stage = 'behaviour'")

@@ -1,23 +1,17 @@
-"""Embed stage: text and image (pandas UDFs), metadata (Spark ML one-hot) and the fused vector
+"""Embed stage: text and image (pandas UDFs), metadata (one-hot, :mod:`recsys.encoders.metadata`) and the fused vector
 (:mod:`recsys.fusion`). All vectors go to ``item_embeddings`` (article_id, modality, model_id),
 L2-normalised float32.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from delta.tables import DeltaTable
-from pyspark.ml import Pipeline
-from pyspark.ml.feature import OneHotEncoder, StringIndexer, VectorAssembler
-from pyspark.ml.functions import vector_to_array
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import ArrayType, FloatType, StringType
@@ -25,6 +19,7 @@ from pyspark.sql.types import ArrayType, FloatType, StringType
 from recsys import tables
 from recsys.config import Config
 from recsys.encoders.image import model_id as image_model_id
+from recsys.encoders.metadata import Vocabulary
 from recsys.encoders.text import model_id as text_model_id
 from recsys.encoders.text import resolve_model_path
 from recsys.fusion import current_model_ids, current_vectors, fuse_vectors, modality_dims, plan_layout, save_layout
@@ -290,55 +285,65 @@ def _metadata_frame(articles: DataFrame, cfg: Config) -> tuple[DataFrame, list[s
     return frame, columns
 
 
-def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
-    """One-hot encode the categorical attributes (Spark ML) into one unit vector per article.
+def load_vocabulary(spark: SparkSession, database: str, columns: tuple[str, ...],
+                    weights: dict[str, float]) -> tuple[Vocabulary, Row] | None:
+    """The newest metadata vocabulary in ``models`` for these columns and weights, with its row
+    (None when there is none: the first run, or the columns or weights changed)."""
+    rows = tables.read(spark, database, tables.MODELS).where("modality = 'metadata'").orderBy(
+        F.col("created_at").desc()).collect()
+    for row in rows:
+        try:
+            vocabulary = Vocabulary.from_json(row["recipe"])
+        except ValueError:
+            continue  # written by an older recsys (labels refitted each run): not extendable
+        if vocabulary.matches(columns, weights):
+            return vocabulary, row
+    return None
 
-    Each column c is one-hot encoded (``StringIndexer`` with ``handleInvalid="keep"`` and
-    ``OneHotEncoder`` with ``dropLast=True``, so a missing value is the all-zero part), scaled by
-    ``sqrt(weight_c)``, concatenated and L2-normalised: the cosine of two articles is the
-    weighted share of attributes they have in common. Labels are fitted on the whole current
-    catalogue each run, so the vectors are always computed (cheap), but only the rows whose
-    vector or model changed are written (MERGE): a day that adds no new label rewrites only the
-    new and changed articles, and removed articles lose their vector.
+
+def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
+    """One-hot encode the categorical attributes into one unit vector per article.
+
+    The encoding is :class:`recsys.encoders.metadata.Vocabulary`: each column's labels keep their
+    slot from run to run and new labels take spare slots, so the cosine of two articles is the
+    weighted share of columns they agree on, and a new category value neither moves other
+    articles' vectors nor changes the ``model_id`` (the saved LSH index stays valid). The
+    vocabulary is stored in ``models`` (one row per ``model_id``, its labels appended in place);
+    a column that outgrows its slots starts a new vocabulary and model. Every vector is computed
+    (cheap), but only rows whose vector changed are written (MERGE), and removed articles lose
+    theirs.
 
     Returns:
-        ``{model_id, articles, dim, seconds}``.
+        ``{model_id, articles, dim, labels_added, new_vocabulary, seconds}``.
     """
     db = cfg.data.database
     started = time.perf_counter()
-    articles = tables.read(spark, db, tables.ARTICLES)
-    frame, columns = _metadata_frame(articles, cfg)
-    indexers = [
-        StringIndexer(inputCol=c, outputCol=f"{c}__idx", handleInvalid="keep", stringOrderType="alphabetAsc")
-        for c in columns
-    ]
-    encoder = OneHotEncoder(
-        inputCols=[f"{c}__idx" for c in columns], outputCols=[f"{c}__vec" for c in columns], dropLast=True
-    )
-    fitted = Pipeline(stages=[*indexers, encoder]).fit(frame)
-    labels = {c: list(stage.labels) for c, stage in zip(columns, fitted.stages[: len(columns)])}  # type: ignore[attr-defined]
+    frame, columns = _metadata_frame(tables.read(spark, db, tables.ARTICLES), cfg)
     weights = {c: float(cfg.metadata.column_weights.get(c, 1.0)) for c in columns}
-    recipe = json.dumps({"columns": columns, "weights": weights, "labels": labels}, sort_keys=True)
-    mid = "onehot@" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    encoded = fitted.transform(frame)
-    assembled = VectorAssembler(inputCols=[f"{c}__vec" for c in columns], outputCol="onehot").transform(encoded)
-    scale = np.concatenate([np.full(len(labels[c]), np.sqrt(weights[c]), dtype=np.float32) for c in columns])
-    dim = int(scale.size)
+    seen_row = tables.first_row(frame.select(*[F.collect_set(c).alias(c) for c in columns]))
+    seen = {c: set(seen_row[c]) for c in columns}
+    loaded = load_vocabulary(spark, db, tuple(columns), weights)
+    extended = loaded[0].extended(seen) if loaded else None
+    vocabulary = extended or Vocabulary.new(tuple(columns), weights, seen)
+    if loaded is None or vocabulary is not loaded[0]:
+        first = loaded if loaded and extended is not None else None  # the same model, labels appended
+        record = spark.createDataFrame(
+            [(vocabulary.model_id, "metadata", vocabulary.to_json(), first[1]["run_id"] if first else run_id)],
+            "model_id string, modality string, recipe string, run_id string",
+        ).withColumn("created_at", F.lit(first[1]["created_at"]) if first else F.current_timestamp())
+        tables.merge(spark, db, tables.MODELS, record)
+    added = sum(len(vocabulary.labels[c]) - len(loaded[0].labels[c]) for c in columns) if loaded and extended else 0
+    mid, dim = vocabulary.model_id, vocabulary.dim
 
     @pandas_udf(ArrayType(FloatType(), False))  # type: ignore[call-overload]
-    def normalise(arrays: pd.Series) -> pd.Series:
-        out = []
-        for values in arrays:
-            v = np.asarray(values, dtype=np.float32) * scale
-            norm = float(np.linalg.norm(v))
-            out.append(v / norm if norm > 0 else v)
-        return pd.Series(out)
+    def encode(values: pd.DataFrame) -> pd.Series:
+        return pd.Series(list(vocabulary.encode(values)))
 
-    vectors = assembled.select(
+    vectors = frame.select(
         "article_id",
         F.lit("metadata").alias("modality"),
         F.lit(mid).alias("model_id"),
-        normalise(vector_to_array(F.col("onehot"), "float32")).alias("vector"),
+        encode(F.struct(*columns)).alias("vector"),
         F.lit(dim).alias("dim"),
         F.sha2(F.concat_ws("|", F.lit(mid), F.to_json(F.struct(*columns))), 256).alias("content_hash"),
         F.lit(run_id).alias("run_id"),
@@ -346,8 +351,10 @@ def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, A
     tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors, only_changed=True, delete_missing="t.modality = 'metadata'")
     seconds = time.perf_counter() - started
     n = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where("modality = 'metadata'").count()
-    logger.info("embed metadata: %d articles, dim %d, %.1f s (model %s)", n, dim, seconds, mid)
-    return {"model_id": mid, "articles": n, "dim": dim, "seconds": round(seconds, 2)}
+    logger.info("embed metadata: %d articles, dim %d, %d labels added, %.1f s (model %s%s)", n, dim, added, seconds,
+                mid, ", new vocabulary" if extended is None else "")
+    return {"model_id": mid, "articles": n, "dim": dim, "labels_added": added, "new_vocabulary": extended is None,
+            "seconds": round(seconds, 2)}
 
 
 def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pyspark.sql.types import ArrayType, FloatType, IntegerType, StringType, Str
 from recsys import tables
 from recsys.fusion import FusionLayout, load_layout
 from recsys.stages import neighbours
-from recsys.stages.embed import fuse
+from recsys.stages.embed import embed_metadata, fuse
 from tests.conftest import test_config, write_table
 
 pytestmark = pytest.mark.spark
@@ -59,3 +59,36 @@ def test_neighbours_read_the_layout_the_fused_vectors_were_written_with(spark, w
             assert score == pytest.approx(float(vectors[m][i] @ vectors[m][j]), abs=1e-5), (row, m)
     with pytest.raises(LookupError, match="no layout for fused model fused@000000000000"):
         load_layout(spark, db, "fused@000000000000")
+
+
+def test_a_new_category_value_keeps_the_metadata_model_and_rewrites_only_its_article(  # type: ignore[no-untyped-def]
+        spark, warehouse: Path) -> None:
+    db = "metadata_vocabulary"
+    tables.ensure_tables(spark, db)
+    cfg = test_config(warehouse, db, "metadata.columns=[category_l3, colour]")
+    articles = [(f"a{i:02d}", f"type{i % 3}", f"colour{i % 4}") for i in range(20)]
+
+    def day(rows: list[tuple[str, str, str]], run_id: str) -> dict:  # type: ignore[type-arg]
+        write_table(spark, db, tables.ARTICLES, spark.createDataFrame(
+            rows, "article_id string, category_l3 string, colour string"))
+        return embed_metadata(spark, cfg, run_id)  # type: ignore[arg-type]
+
+    def vectors() -> dict[str, tuple[list[float], str]]:
+        return {r["article_id"]: (r["vector"], r["run_id"]) for r in tables.read(spark, db, tables.ITEM_EMBEDDINGS)
+                .where("modality = 'metadata'").collect()}
+
+    first = day(articles, "r1")
+    assert (first["articles"], first["new_vocabulary"]) == (20, True)
+    before = vectors()
+    # day N+1: a new product type and a new colour for one new article, one article removed
+    second = day([*articles[1:], ("a99", "type9", "colour9")], "r2")
+    assert (second["model_id"], second["dim"], second["new_vocabulary"]) == (first["model_id"], first["dim"], False)
+    assert second["labels_added"] == 2
+    after = vectors()
+    assert set(after) == set(before) - {"a00"} | {"a99"}
+    assert {a for a, (_, run_id) in after.items() if run_id == "r2"} == {"a99"}  # no other row rewritten
+    assert all(after[a] == before[a] for a in after if a != "a99")
+    new = np.asarray(after["a99"][0])
+    assert np.linalg.norm(new) == pytest.approx(1.0) and all(abs(new @ np.asarray(v)) < 1e-7 for v, _ in before.values())
+    recipes = tables.read(spark, db, tables.MODELS).where("modality = 'metadata'").collect()
+    assert len(recipes) == 1 and recipes[0]["run_id"] == "r1"  # the vocabulary grew in place
