@@ -124,3 +124,20 @@ def test_an_incremental_day_equals_a_full_recompute_and_readers_see_whole_lists(
         update={"retention_hours": 24, "tables": ["item_neighbours"], "optimize": False})}), "run-m")
     properties = DeltaTable.forName(spark, "refresh_a.item_neighbours").detail().first()["properties"]
     assert properties["delta.deletedFileRetentionDuration"] == "interval 24 hours"
+
+
+def test_the_comparison_tells_float_noise_and_near_ties_from_real_differences(spark) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import write_table
+
+    schema = "article_id string, modality string, rank int, neighbour_id string, score float"
+    base = [("a", "text", 1, "b", 0.9), ("a", "text", 2, "c", 0.5), ("b", "text", 1, "a", 0.9),
+            ("c", "text", 1, "a", 0.5), ("c", "text", 2, "b", 0.4)]
+    other = [("a", "text", 1, "b", 0.9),  # equal
+             ("a", "text", 2, "c", 0.5 + 8e-6),  # float noise
+             ("b", "text", 1, "c", 0.9 + 1e-6),  # a near tie: another neighbour, the same score
+             ("c", "text", 1, "a", 0.6)]  # a real difference; (c, 2) is missing: another
+    for db, rows in (("compare_a", base), ("compare_b", other)):
+        tables.ensure_tables(spark, db)
+        write_table(spark, db, tables.ITEM_NEIGHBOURS, spark.createDataFrame(rows, schema))
+    got = compare_tables(spark, "compare_a", "compare_b", specs=(tables.ITEM_NEIGHBOURS,))["item_neighbours"]
+    assert got == {"rows_a": 5, "rows_b": 4, "only_a": 4, "only_b": 3, "noise": 1, "ties": 1, "differ": 2}
