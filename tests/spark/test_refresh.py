@@ -98,7 +98,7 @@ def test_an_incremental_day_equals_a_full_recompute_and_readers_see_whole_lists(
     copy_fitted(spark, "refresh_a", "refresh_b")
     full = run(spark, config("refresh_b", "knn.recompute=true"), day_n1, RUN_STAGES)
     assert full["neighbours"]["text"]["mode"] == "full" and "recompute" in full["neighbours"]["text"]["reason"]
-    compared = compare_tables(spark, "refresh_a", "refresh_b")
+    compared = compare_tables(spark, "refresh_a", "refresh_b", by_key=False)  # exact: asserted equal below
     assert compared["articles"]["rows_a"] == articles_after and compared["transactions"]["rows_a"] > 0
     assert compared["customer_recommendations"]["rows_a"] > 0
     assert {name: (c["only_a"], c["only_b"]) for name, c in compared.items()} == {name: (0, 0) for name in compared}
