@@ -219,12 +219,10 @@ def compare_tables(spark: SparkSession, db_a: str, db_b: str, tolerance: float =
                                                        F.lit(True).alias("in_b"))
         joined = left.join(right, list(spec.key), "full_outer")
         both = F.coalesce(F.col("in_a"), F.lit(False)) & F.coalesce(F.col("in_b"), F.lit(False))
-        close = F.lit(True)
+        close, exact = F.lit(True), F.lit(True)
         for f in fields:
-            close = close & _close(f, F.col(f"a_{f.name}"), F.col(f"b_{f.name}"), tolerance)
-        exact = F.lit(True)
-        for f in fields:
-            exact = exact & _close(f, F.col(f"a_{f.name}"), F.col(f"b_{f.name}"), 0.0)
+            a_col, b_col = F.col(f"a_{f.name}"), F.col(f"b_{f.name}")
+            close, exact = close & _close(f, a_col, b_col, tolerance), exact & _close(f, a_col, b_col, 0.0)
         score = next((f for f in fields if f.name == "score"), None)
         tie = _close(score, F.col("a_score"), F.col("b_score"), tolerance) if score else F.lit(False)
         kinds = joined.select(

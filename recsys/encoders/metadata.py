@@ -2,9 +2,9 @@
 
 A column's labels keep their slot for the life of the vocabulary; labels first seen later are
 appended to the column's spare slots. So a day that brings a new category value encodes its
-articles without moving any other article's vector, and the vectors' ``model_id`` (derived from
-the columns, weights and slot counts, not from the labels) stays the one the saved LSH index was
-fitted for. Only when a column outgrows its slots is a new vocabulary, with a new ``model_id``,
+articles without moving any other article's vector, and the vectors' ``model_id`` (fixed when
+the vocabulary is built, from its columns, weights, slots and first labels) stays the one the
+saved LSH index was fitted for. Only when a column outgrows its slots is a new vocabulary, with a new ``model_id``,
 built (and every metadata vector, list and index with it).
 """
 
@@ -44,13 +44,7 @@ class Vocabulary:
     weights: Mapping[str, float]
     slots: Mapping[str, int]
     labels: Mapping[str, tuple[str, ...]]
-
-    @property
-    def model_id(self) -> str:
-        """``onehot@<sha256 of columns, weights and slots>``: appending labels keeps it."""
-        recipe = json.dumps({"columns": list(self.columns), "weights": dict(self.weights), "slots": dict(self.slots)},
-                            sort_keys=True)
-        return "onehot@" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    model_id: str  # onehot@<sha256 of columns, weights, slots and the labels it was built with>: appending keeps it
 
     @property
     def dim(self) -> int:
@@ -62,7 +56,11 @@ class Vocabulary:
             seen: Mapping[str, set[str]]) -> Vocabulary:
         """A vocabulary for ``seen`` labels per column (sorted), with spare slots (:func:`slots_for`)."""
         labels = {c: tuple(sorted(seen.get(c, set()))) for c in columns}
-        return cls(columns, dict(weights), {c: slots_for(len(labels[c])) for c in columns}, labels)
+        slots = {c: slots_for(len(labels[c])) for c in columns}
+        recipe = json.dumps({"columns": list(columns), "weights": dict(weights), "slots": slots,
+                             "labels": {c: list(v) for c, v in labels.items()}}, sort_keys=True)
+        model_id = "onehot@" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
+        return cls(columns, dict(weights), slots, labels, model_id)
 
     def matches(self, columns: tuple[str, ...], weights: Mapping[str, float]) -> bool:
         """Whether this vocabulary encodes exactly these columns with these weights."""
@@ -81,7 +79,7 @@ class Vocabulary:
             labels[c] = (*self.labels[c], *added)
         if all(labels[c] == tuple(self.labels[c]) for c in self.columns):
             return self
-        return Vocabulary(self.columns, self.weights, self.slots, labels)
+        return Vocabulary(self.columns, self.weights, self.slots, labels, self.model_id)
 
     def encode(self, frame: pd.DataFrame) -> npt.NDArray[np.float32]:
         """One unit vector per row of ``frame`` (one string column per vocabulary column).
@@ -106,7 +104,8 @@ class Vocabulary:
 
     def to_json(self) -> str:
         return json.dumps({"columns": list(self.columns), "weights": dict(self.weights), "slots": dict(self.slots),
-                           "labels": {c: list(v) for c, v in self.labels.items()}}, sort_keys=True)
+                           "labels": {c: list(v) for c, v in self.labels.items()}, "model_id": self.model_id},
+                          sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Vocabulary:
@@ -119,6 +118,7 @@ class Vocabulary:
             raw = json.loads(text)
             columns = tuple(raw["columns"])
             return cls(columns, {c: float(raw["weights"][c]) for c in columns},
-                       {c: int(raw["slots"][c]) for c in columns}, {c: tuple(raw["labels"][c]) for c in columns})
+                       {c: int(raw["slots"][c]) for c in columns}, {c: tuple(raw["labels"][c]) for c in columns},
+                       str(raw["model_id"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a metadata vocabulary: {text[:200]!r} ({err})") from err

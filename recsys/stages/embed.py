@@ -324,15 +324,17 @@ def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, A
     seen = {c: set(seen_row[c]) for c in columns}
     loaded = load_vocabulary(spark, db, tuple(columns), weights)
     extended = loaded[0].extended(seen) if loaded else None
+    grew = loaded is not None and extended is not None and extended is not loaded[0]  # labels appended
     vocabulary = extended or Vocabulary.new(tuple(columns), weights, seen)
-    if loaded is None or vocabulary is not loaded[0]:
-        first = loaded if loaded and extended is not None else None  # the same model, labels appended
+    if extended is None or grew:  # record it; a grown vocabulary keeps its first run and time
+        first_run, created = ((loaded[1]["run_id"], F.lit(loaded[1]["created_at"])) if loaded and grew
+                              else (run_id, F.current_timestamp()))
         record = spark.createDataFrame(
-            [(vocabulary.model_id, "metadata", vocabulary.to_json(), first[1]["run_id"] if first else run_id)],
+            [(vocabulary.model_id, "metadata", vocabulary.to_json(), first_run)],
             "model_id string, modality string, recipe string, run_id string",
-        ).withColumn("created_at", F.lit(first[1]["created_at"]) if first else F.current_timestamp())
+        ).withColumn("created_at", created)
         tables.merge(spark, db, tables.MODELS, record)
-    added = sum(len(vocabulary.labels[c]) - len(loaded[0].labels[c]) for c in columns) if loaded and extended else 0
+    added = sum(len(vocabulary.labels[c]) - len(loaded[0].labels[c]) for c in columns) if loaded and grew else 0
     mid, dim = vocabulary.model_id, vocabulary.dim
 
     @pandas_udf(ArrayType(FloatType(), False))  # type: ignore[call-overload]

@@ -45,6 +45,9 @@ def test_new_labels_take_spare_slots_and_keep_the_model_and_every_other_vector()
     many = {"category": {f"c{i}" for i in range(slots_for(2) + 1)}, "colour": {"red"}}
     assert day_n.extended(many) is None
     assert Vocabulary.new(COLUMNS, WEIGHTS, many).model_id != day_n.model_id
+    # the same slot counts with other labels: another layout, so another model id
+    other = Vocabulary.new(COLUMNS, WEIGHTS, {"category": {"coat", "shirt"}, "colour": {"blue"}})
+    assert other.slots == day_n.slots and other.model_id != day_n.model_id
     assert Vocabulary.new(COLUMNS, {"category": 1.0, "colour": 1.0}, many).model_id != Vocabulary.new(
         COLUMNS, WEIGHTS, many).model_id
     assert day_n.matches(COLUMNS, WEIGHTS) and not day_n.matches(("category",), {"category": 3.0})
