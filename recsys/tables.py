@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
-from pyspark.sql import DataFrame, Row, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
@@ -39,6 +39,7 @@ class TableSpec:
     key: tuple[str, ...]
     partition_by: tuple[str, ...] = ()
     comment: str = ""
+    change_feed: bool = False  # Delta's change data feed on: readers ask what changed since a version
 
 
 def _f(name: str, dtype: object, comment: str, nullable: bool = True) -> StructField:
@@ -159,6 +160,7 @@ ITEM_NEIGHBOURS = TableSpec(
     key=("article_id", "modality", "rank"),
     partition_by=("modality",),
     comment="Top-K nearest neighbours per article and modality (score desc, then id asc).",
+    change_feed=True,
 )
 
 ITEM_RECOMMENDATIONS = TableSpec(
@@ -298,6 +300,27 @@ def qualified(database: str, spec: TableSpec) -> str:
     return f"{database}.{spec.name}"
 
 
+CHANGE_FEED = "delta.enableChangeDataFeed"
+
+
+def changes_since(spark: SparkSession, database: str, spec: TableSpec, version: int) -> DataFrame | None:
+    """The rows changed after ``version`` (Delta's change data feed: the table's columns plus
+    ``_change_type`` insert / delete / update_preimage / update_postimage), or ``None`` when
+    the feed cannot answer (it was off for some of those versions, or they were vacuumed)."""
+    name = qualified(database, spec)
+    latest = first_row(DeltaTable.forName(spark, name).history(1))["version"]
+    try:
+        if version >= latest:
+            return spark.table(name).limit(0).withColumn("_change_type", F.lit(None).cast("string"))
+        df = spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", version + 1) \
+            .option("endingVersion", latest).table(name)
+        df.limit(1).collect()  # an unanswerable range fails here
+        return df
+    except Exception as err:  # noqa: BLE001 - Delta raises several kinds (AnalysisException, DeltaAnalysisException)
+        logger.info("%s: no change data feed after version %d (%s)", name, version, str(err).splitlines()[0][:200])
+        return None
+
+
 def ensure_tables(spark: SparkSession, database: str) -> None:
     """Create the database and every table in :data:`ALL_TABLES` if missing.
 
@@ -317,6 +340,11 @@ def ensure_tables(spark: SparkSession, database: str) -> None:
                 )
                 spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({columns})")
                 logger.info("table %s: added column(s) %s", name, [f.name for f in missing])
+            if spec.change_feed:
+                properties = DeltaTable.forName(spark, name).detail().select("properties").first()
+                if properties is None or properties[0].get(CHANGE_FEED) != "true":
+                    spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{CHANGE_FEED}' = 'true')")
+                    logger.info("table %s: change data feed turned on", name)
             continue
         builder = (
             DeltaTable.createIfNotExists(spark)
@@ -324,6 +352,8 @@ def ensure_tables(spark: SparkSession, database: str) -> None:
             .addColumns(spec.schema)
             .comment(spec.comment)
         )
+        if spec.change_feed:
+            builder = builder.property(CHANGE_FEED, "true")
         if spec.partition_by:
             builder = builder.partitionedBy(*spec.partition_by)
         builder.execute()
@@ -353,6 +383,7 @@ def merge(
     insert_only: bool = False,
     only_changed: bool = False,
     delete_missing: str | None = None,
+    deleted: DataFrame | None = None,
 ) -> None:
     """Upsert ``df`` into the table on its key, in one Delta commit.
 
@@ -361,17 +392,30 @@ def merge(
     they were); with ``insert_only`` never. New keys are inserted. Nothing is deleted unless
     ``delete_missing`` is given: then the table's rows that match that SQL predicate (columns
     qualified with ``t.``) and whose key is not in ``df`` are deleted in the same commit, so
-    ``df`` becomes the whole of that slice. ``df`` must hold each key at most once (Delta
-    raises otherwise).
+    ``df`` becomes the whole of that slice. ``deleted`` (the key columns) lists rows to delete
+    in the same commit, without a scan of the slice: keys that ``df`` does not hold. ``df``
+    must hold each key at most once (Delta raises otherwise).
     """
     target = DeltaTable.forName(spark, qualified(database, spec))
     condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.key)
-    builder = target.alias("t").merge(conform(df, spec).alias("s"), condition)
+    source = conform(df, spec)
+    if deleted is not None:
+        gone = deleted.select(*spec.key).join(source.select(*spec.key), list(spec.key), "left_anti")
+        blanks = [F.lit(None).cast(f.dataType).alias(f.name) for f in spec.schema.fields if f.name not in spec.key]
+        source = source.withColumn("_delete", F.lit(False)).unionByName(
+            gone.select(*spec.key, *blanks, F.lit(True).alias("_delete")))
+    builder = target.alias("t").merge(source.alias("s"), condition)
+    columns: dict[str, str | Column] = {f"`{f.name}`": f"s.`{f.name}`" for f in spec.schema.fields}
+    if deleted is not None:
+        builder = builder.whenMatchedDelete(condition="s._delete")
     if not insert_only:
         data = [f for f in spec.schema.fields if f.name not in spec.key and f.name not in BOOKKEEPING]
         changed = " OR ".join(_differs(f) for f in data) if only_changed and data else None
-        builder = builder.whenMatchedUpdateAll(condition=changed)
-    builder = builder.whenNotMatchedInsertAll()
+        builder = builder.whenMatchedUpdate(condition=changed, set=columns)
+    if deleted is not None:
+        builder = builder.whenNotMatchedInsert(condition="NOT s._delete", values=columns)
+    else:
+        builder = builder.whenNotMatchedInsert(values=columns)
     if delete_missing is not None:
         builder = builder.whenNotMatchedBySourceDelete(condition=delete_missing)
     builder.execute()

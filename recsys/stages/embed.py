@@ -309,12 +309,12 @@ def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, A
     weighted share of columns they agree on, and a new category value neither moves other
     articles' vectors nor changes the ``model_id`` (the saved LSH index stays valid). The
     vocabulary is stored in ``models`` (one row per ``model_id``, its labels appended in place);
-    a column that outgrows its slots starts a new vocabulary and model. Every vector is computed
-    (cheap), but only rows whose vector changed are written (MERGE), and removed articles lose
-    theirs.
+    a column that outgrows its slots starts a new vocabulary and model. Only articles whose
+    ``content_hash`` (the model and the attribute values) is not stored are encoded; one MERGE
+    writes them and deletes the vectors of removed articles and of other vocabularies.
 
     Returns:
-        ``{model_id, articles, dim, labels_added, new_vocabulary, seconds}``.
+        ``{model_id, articles, encoded, deleted, dim, labels_added, new_vocabulary, seconds}``.
     """
     db = cfg.data.database
     started = time.perf_counter()
@@ -341,69 +341,109 @@ def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, A
     def encode(values: pd.DataFrame) -> pd.Series:
         return pd.Series(list(vocabulary.encode(values)))
 
-    vectors = frame.select(
-        "article_id",
-        F.lit("metadata").alias("modality"),
-        F.lit(mid).alias("model_id"),
-        encode(F.struct(*columns)).alias("vector"),
-        F.lit(dim).alias("dim"),
-        F.sha2(F.concat_ws("|", F.lit(mid), F.to_json(F.struct(*columns))), 256).alias("content_hash"),
-        F.lit(run_id).alias("run_id"),
-    )
-    tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors, only_changed=True, delete_missing="t.modality = 'metadata'")
+    # encode only the articles whose attributes (or model) changed: the hash says which
+    hashed = frame.select("article_id", *columns, F.sha2(F.concat_ws("|", F.lit(mid), F.to_json(F.struct(*columns))),
+                                                          256).alias("content_hash"))
+    stored = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where(F.col("modality") == "metadata")
+    todo = hashed.join(stored.where(F.col("model_id") == mid).select("article_id", "content_hash"),
+                       ["article_id", "content_hash"], "left_anti").persist()
+    deleted = (stored.select("article_id", "modality", "model_id")
+               .join(frame.select("article_id", F.lit(mid).alias("model_id")), ["article_id", "model_id"], "left_anti")
+               .persist())
+    try:
+        n_todo, n_deleted = todo.count(), deleted.count()
+        if n_todo or n_deleted:
+            vectors = todo.select(
+                "article_id",
+                F.lit("metadata").alias("modality"),
+                F.lit(mid).alias("model_id"),
+                encode(F.struct(*columns)).alias("vector"),
+                F.lit(dim).alias("dim"),
+                "content_hash",
+                F.lit(run_id).alias("run_id"),
+            )
+            tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors, only_changed=True, deleted=deleted)
+    finally:
+        todo.unpersist()
+        deleted.unpersist()
     seconds = time.perf_counter() - started
     n = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where("modality = 'metadata'").count()
-    logger.info("embed metadata: %d articles, dim %d, %d labels added, %.1f s (model %s%s)", n, dim, added, seconds,
-                mid, ", new vocabulary" if extended is None else "")
-    return {"model_id": mid, "articles": n, "dim": dim, "labels_added": added, "new_vocabulary": extended is None,
-            "seconds": round(seconds, 2)}
+    logger.info("embed metadata: %d articles, %d encoded, %d deleted, dim %d, %d labels added, %.1f s (model %s%s)",
+                n, n_todo, n_deleted, dim, added, seconds, mid, ", new vocabulary" if extended is None else "")
+    return {"model_id": mid, "articles": n, "encoded": n_todo, "deleted": n_deleted, "dim": dim,
+            "labels_added": added, "new_vocabulary": extended is None, "seconds": round(seconds, 2)}
 
 
 def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str]) -> dict[str, Any]:
     """Fuse each article's modality vectors (:func:`fuse_vectors`) into ``modality='fused'``.
 
-    Every fused vector is computed, but only those that differ from the stored one (a part
-    changed, or the layout did) are written, in one MERGE that also deletes the fused vectors of
-    articles that no longer have any part.
+    Only the articles whose parts changed are fused: a fused vector's ``content_hash`` is the
+    SHA-256 of its layout's ``model_id`` and its parts' ``(modality, content_hash)``, so an
+    article whose hash is stored under the current layout is left as it is, without reading its
+    vectors. One MERGE writes the new fused vectors and deletes those of articles that have no
+    part any more or were fused with another layout (a changed layout fuses every article).
 
     Args:
         model_ids: the model per modality to fuse (modalities with weight 0 are left out).
 
     Returns:
-        ``{model_id, articles, dim, segments, seconds}``; ``segments`` gives each modality's
-        ``[start, end)`` slice of the fused vector, from which per-modality cosines are recovered.
+        ``{model_id, articles, dim, segments, fused, deleted, seconds}``; ``segments`` gives
+        each modality's ``[start, end)`` slice of the fused vector, from which per-modality
+        cosines are recovered; ``fused`` and ``deleted`` count the vectors written and removed.
 
     Raises:
         ValueError: if no modality with a positive weight has vectors.
     """
     started = time.perf_counter()
+    db = cfg.data.database
     weights = {m: w for m, w in cfg.fusion.weights.items() if w > 0 and m in model_ids}
     if not weights:
         raise ValueError(f"fusion: none of the weighted modalities {sorted(cfg.fusion.weights)} has vectors")
-    vectors = current_vectors(spark, cfg, {m: model_ids[m] for m in weights}).persist()
+    used = {m: model_ids[m] for m in weights}
+    vectors = current_vectors(spark, cfg, used)
+    layout = plan_layout(weights, model_ids, modality_dims(vectors))
+    mid = save_layout(spark, db, layout, run_id)
+    in_layout = F.lit(False)
+    for modality, part_model in used.items():
+        in_layout = in_layout | ((F.col("modality") == modality) & (F.col("model_id") == part_model))
+    part = F.concat_ws(":", "modality", F.coalesce("content_hash", F.lit("")))
+    hashes = (
+        tables.read(spark, db, tables.ITEM_EMBEDDINGS).where(in_layout)
+        .join(tables.read(spark, db, tables.ARTICLES).select("article_id"), "article_id", "left_semi")
+        .groupBy("article_id")
+        .agg(F.sha2(F.concat_ws("|", F.lit(mid), F.array_join(F.array_sort(F.collect_list(part)), "|")), 256)
+             .alias("content_hash"))
+    )
+    stored = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where(F.col("modality") == "fused")
+    todo = hashes.join(stored.where(F.col("model_id") == mid).select("article_id", "content_hash"),
+                       ["article_id", "content_hash"], "left_anti").persist()
+    deleted = (stored.select("article_id", "modality", "model_id")
+               .join(hashes.select("article_id", F.lit(mid).alias("model_id")), ["article_id", "model_id"], "left_anti")
+               .persist())
     try:
-        layout = plan_layout(weights, model_ids, modality_dims(vectors))
-        mid = save_layout(spark, cfg.data.database, layout, run_id)
-        fused = fuse_vectors(vectors, layout)
-        rows = fused.select(
-            "article_id",
-            F.lit("fused").alias("modality"),
-            F.lit(mid).alias("model_id"),
-            "vector",
-            "dim",
-            F.lit(mid).alias("content_hash"),
-            F.lit(run_id).alias("run_id"),
-        )
-        tables.merge(spark, cfg.data.database, tables.ITEM_EMBEDDINGS, rows, only_changed=True,
-                     delete_missing="t.modality = 'fused'")
+        n_todo, n_deleted = todo.count(), deleted.count()
+        if n_todo or n_deleted:
+            fused = fuse_vectors(vectors.join(todo.select("article_id"), "article_id", "left_semi"), layout)
+            rows = fused.join(todo, "article_id").select(
+                "article_id",
+                F.lit("fused").alias("modality"),
+                F.lit(mid).alias("model_id"),
+                "vector",
+                "dim",
+                "content_hash",
+                F.lit(run_id).alias("run_id"),
+            )
+            tables.merge(spark, db, tables.ITEM_EMBEDDINGS, rows, only_changed=True, deleted=deleted)
     finally:
-        vectors.unpersist()
-    n = tables.read(spark, cfg.data.database, tables.ITEM_EMBEDDINGS).where("modality = 'fused'").count()
+        todo.unpersist()
+        deleted.unpersist()
+    n = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where("modality = 'fused'").count()
     seconds = time.perf_counter() - started
-    logger.info("fuse %s: %d articles, dim %d, %.1f s", "+".join(m for m, _, _ in layout.segments), n, layout.dim,
-                seconds)
+    logger.info("fuse %s: %d articles, %d fused, %d deleted, dim %d, %.1f s",
+                "+".join(m for m, _, _ in layout.segments), n, n_todo, n_deleted, layout.dim, seconds)
     segments = {m: (lo, hi) for m, lo, hi in layout.segments}
-    return {"model_id": mid, "articles": n, "dim": layout.dim, "segments": segments, "seconds": round(seconds, 2)}
+    return {"model_id": mid, "articles": n, "dim": layout.dim, "segments": segments, "fused": n_todo,
+            "deleted": n_deleted, "seconds": round(seconds, 2)}
 
 
 def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
