@@ -90,8 +90,9 @@ def exact_pairs(data: DataFrame, queries: DataFrame | None, k: int, dim: int, bl
 
 
 def top_up(indexed: DataFrame, ranked: DataFrame, n: int, k: int, dim: int, segments: Segments,
-            block_size: int, block_rows: int, cached: list[DataFrame]) -> DataFrame:
-    """Exact search for the articles LSH left with fewer than ``min(k, n - 1)`` neighbours.
+            block_size: int, block_rows: int, cached: list[DataFrame], queries: DataFrame | None = None) -> DataFrame:
+    """Exact search for the articles LSH left with fewer than ``min(k, n - 1)`` neighbours
+    (among ``queries`` (``idx``) when given: the articles ``ranked`` is meant to list).
 
     Such articles share no bucket with enough others (outliers); :func:`exact_pairs` scans
     them against all vectors. A large share of them means the LSH parameters are too strict.
@@ -102,8 +103,9 @@ def top_up(indexed: DataFrame, ranked: DataFrame, n: int, k: int, dim: int, segm
     cached.append(ranked)
     want = min(k, n - 1)
     counts = ranked.groupBy("idx").agg(F.count(F.lit(1)).alias("found"))
+    expected = indexed if queries is None else indexed.join(queries, "idx", "left_semi")
     short = (
-        indexed.select("idx", "vec")
+        expected.select("idx", "vec")
         .join(counts, "idx", "left")
         .where(F.coalesce("found", F.lit(0)) < want)
         .select("idx", "vec")

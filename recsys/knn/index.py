@@ -30,15 +30,11 @@ GROUP_ROWS = 50_000  # target home articles per group of cells (memory per scori
 def assign_cells(indexed: DataFrame, dim: int, index: LSHIndex) -> DataFrame:
     """Cell rows for LSH: each article's home bucket and probed buckets in every band, one row
     per (article, group of buckets) it touches (:data:`CELL_ROW_SCHEMA`)."""
-    params, fitted = index.params, index.fitted
-    bands, probes = fitted["bands"], fitted["probes"]
+    fitted = index.fitted
+    bands = fitted["bands"]
     cell_group, groups = fitted["cell_group"], fitted["groups"]
-    centroids: list[np.ndarray] = fitted.get("centroids") or []
-    planes: np.ndarray | None = fitted.get("planes")
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import torch
-
         task_threads()
         for batch in batches:
             if batch.num_rows == 0:
@@ -46,12 +42,7 @@ def assign_cells(indexed: DataFrame, dim: int, index: LSHIndex) -> DataFrame:
             idx = batch.column("idx").to_numpy()
             vec = vectors_of(batch.column("vec"), dim)
             m = len(idx)
-            if planes is not None:
-                codes = band_codes(vec, planes, params)  # (m, bands)
-                probed = codes[:, :, None]  # (m, bands, 1): srp probes its own bucket only
-            else:
-                x = torch.from_numpy(np.array(vec))
-                probed = np.stack([nearest(x, torch.from_numpy(c), probes).numpy() for c in centroids], axis=1)
+            probed = probed_cells(vec, index)
             home = probed[:, :, 0]
             p = probed.shape[2]
             rows = np.repeat(np.arange(m), bands * p)
@@ -73,6 +64,34 @@ def assign_cells(indexed: DataFrame, dim: int, index: LSHIndex) -> DataFrame:
             )
 
     return indexed.select("idx", "vec").mapInArrow(assign, CELL_ROW_SCHEMA)  # type: ignore[arg-type]
+
+
+def probed_cells(vectors: np.ndarray, index: LSHIndex, probes: int | None = None) -> np.ndarray:
+    """The buckets each vector probes in every band, nearest first: ``(m, bands, p)`` int64
+    bucket numbers (per band), ``p`` = the index's probes (``kmeans``; at most ``probes`` when
+    given) or 1 (``srp``, its own bucket). ``[:, :, 0]`` is the vector's home bucket.
+
+    Args:
+        vectors: ``(m, d)`` float32 unit rows, ``d`` = ``index.dim``.
+    """
+    fitted = index.fitted
+    planes: np.ndarray | None = fitted.get("planes")
+    if planes is not None:
+        return band_codes(vectors, planes, index.params)[:, :, None]
+    import torch
+
+    p = fitted["probes"] if probes is None else min(probes, fitted["probes"])
+    x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    centroids: list[np.ndarray] = fitted["centroids"]
+    if len(vectors) == 0:
+        return np.zeros((0, len(centroids), p), dtype=np.int64)
+    return np.stack([nearest(x, torch.from_numpy(c), p).numpy() for c in centroids], axis=1).astype(np.int64)
+
+
+def cell_keys(cells: np.ndarray) -> np.ndarray:
+    """Bucket numbers ``(m, bands[, p])`` → keys unique across bands: ``band << 32 | bucket``."""
+    band = np.arange(cells.shape[1], dtype=np.int64).reshape((1, -1) + (1,) * (cells.ndim - 2))
+    return (band << 32) | cells.astype(np.int64)
 
 
 def fit_hash(indexed: DataFrame, n: int, dim: int, params: LSHParams) -> dict[str, Any]:

@@ -234,6 +234,7 @@ def score_cells(
     max_bucket: int,
     order: np.ndarray,
     block_size: int = 2048,
+    unique: bool = True,
 ) -> CellResult:
     """Each query's top-``k`` over the cells it probes, scored exactly.
 
@@ -249,6 +250,8 @@ def score_cells(
         order: ``(m,)`` float32 ordering key (a random projection) for oversized cells.
         block_size: query rows per product (fewer when the cell is large, so one product holds
             at most ``SCORE_ELEMENTS`` scores).
+        unique: the caller promises a (query, data) pair meets in one cell only (one band per
+            call); False keeps each pair's best copy.
 
     Returns:
         Each query row's top-``k`` (unique data *articles*, best first) over all its cells.
@@ -289,8 +292,8 @@ def score_cells(
     rows = np.concatenate([f[0] for f in found])
     cols = np.concatenate([f[1] for f in found])
     scores = np.concatenate([f[2] for f in found])
-    # a data article is a member of one cell per band, and a group holds one band: no duplicates
-    keep = _rank(rows, cols, scores, ids, ids, k, unique=True)
+    # a data article is a member of one cell per band: one band per call gives no duplicates
+    keep = _rank(rows, cols, scores, ids, ids, k, unique=unique)
     return CellResult(rows[keep], cols[keep], scores[keep])
 
 

@@ -1,20 +1,63 @@
-"""Incremental top-K: update every list a change can affect, with a saved LSH index."""
+"""Incremental top-K: rewrite only the lists a change alters, with a saved LSH index.
+
+Scoring goes to the vectors, never the vectors to a shuffle: the few queries that need a new
+search (and the changed vectors, as candidates) travel with the tasks, each task scores them
+against its own partition of the catalogue bucket by bucket, and only candidate pairs are
+shuffled. Unchanged lists are neither read into the search nor written back.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from recsys.knn.arrow import pair_schema, pairs_batch, task_threads, vectors_of
 from recsys.knn.exact import top_up
-from recsys.knn.index import assign_cells
+from recsys.knn.index import cell_keys, probed_cells
+from recsys.knn.kernels import merge_top_k, score_cells, segment_cosines
 from recsys.knn.params import LSHIndex, Segments
-from recsys.knn.scoring import materialised, merge_pairs, named, prepare, score_cell_rows
+from recsys.knn.scoring import materialised, merge_pairs, named, prepare
 from recsys.knn.search import top_k
 
 logger = logging.getLogger(__name__)
+
+SHIPPED_BYTES = 64 << 20  # at most this many bytes of query (or changed) vectors travel with one pass
+NO_WINDOW = 1 << 62  # score_cells: never cut a bucket into windows (the update checks bucket sizes first)
+
+
+@dataclass(frozen=True)
+class ListUpdate:
+    """What :func:`update_top_k` changed.
+
+    Attributes:
+        lists: the new top-K rows (``top_k``'s columns) of every *rewritten* article; computed
+            (a local checkpoint).
+        replaced: ``article_id`` of every article whose previous rows are superseded: the
+            rewritten ones and the removed ones (whose lists are gone); computed.
+        full: True when the update fell back to a full search (then ``lists`` holds every list).
+        affected, touched, removed: articles searched again, unchanged lists a changed vector
+            entered, articles removed.
+    """
+
+    lists: DataFrame
+    replaced: DataFrame
+    full: bool
+    affected: int
+    touched: int
+    removed: int
+
+    def applied(self, previous: DataFrame) -> DataFrame:
+        """The whole new table: ``previous`` without the replaced lists, plus the new ones."""
+        kept = previous.join(self.replaced, "article_id", "left_anti")
+        columns = [F.col(c) if c in kept.columns else F.lit(None).cast(self.lists.schema[c].dataType).alias(c)
+                   for c in self.lists.columns]
+        return kept.select(*columns).unionByName(self.lists)
 
 
 def update_top_k(
@@ -26,18 +69,31 @@ def update_top_k(
     segments: Segments = (),
     block_size: int = 2048,
     block_rows: int = 25_000,
-) -> DataFrame:
-    """Incremental ``lsh`` top-``k``: update every list after some articles changed, without
-    scoring all pairs again.
+    max_affected_share: float = 0.3,
+) -> ListUpdate:
+    """Incremental ``lsh`` top-``k``: rewrite only the lists a change alters.
 
-    With ``Δ`` the new or changed articles and ``R`` the removed ones (in ``previous`` but not
-    in ``vectors``), an article is *affected* when it is in ``Δ``, its previous list holds a
-    member of ``Δ ∪ R``, or its previous list was short (fewer than ``min(k, n - 1)``). Affected
-    articles are searched again in full (their probed buckets against all members). Every other
-    article keeps its list, merged with the members of ``Δ`` in its probed buckets. With the same
-    ``index`` this equals ``top_k(vectors, k, index=index)``: an unaffected list lost nothing,
-    and anything new in its buckets is in ``Δ``. Work is proportional to the affected articles
-    and to the buckets ``Δ`` lands in, plus one assignment pass over all vectors.
+    With ``Δ`` the new or changed vectors and ``R`` the removed articles (listed in ``previous``
+    but not in ``vectors``), an article is *affected* when it is in ``Δ``, its previous list
+    holds a member of ``Δ ∪ R``, or the list was short (fewer than ``min(k, n - 1)``) or missing.
+    Affected articles are searched again (their probed buckets against all members). Any other
+    list lost nothing, and the only new candidates in its buckets are members of ``Δ``: its new
+    list is the old one merged with the ``Δ`` members of its probed buckets that beat its ``k``-th
+    entry (score, then ``article_id``); a list no such member beats is left as it is (*untouched*).
+    With the same ``index`` the result equals ``top_k(vectors, k, index=index)`` (up to the
+    float32 rounding of scores computed in other blocks).
+
+    How: the affected queries (with their probed buckets) and then ``Δ`` (with its home buckets)
+    are shipped with the tasks in chunks of at most :data:`SHIPPED_BYTES`; each task scores its
+    partition of the catalogue against them bucket by bucket (:func:`recsys.knn.kernels.score_cells`)
+    and returns only candidate pairs, so no vector is shuffled. Work: one pass over the vectors
+    per chunk, ``O(|affected| · probes · bucket size)`` products plus ``O(n · probes)`` for the
+    buckets of the unaffected articles.
+
+    Falls back to a full search with ``index`` (``full`` in the result) when more than
+    ``max_affected_share`` of the articles are affected (a full search is then cheaper), or when
+    a bucket holds more than ``max_bucket_size`` members (a full search cuts such buckets into
+    windows that depend on every member).
 
     Args:
         vectors: the whole current catalogue, ``(article_id, vector)``.
@@ -45,79 +101,211 @@ def update_top_k(
         changed: ``article_id`` of every article whose vector is new or changed since then.
         k, segments, block_size, block_rows: as in :func:`top_k`.
         index: the hash functions ``previous`` was computed with.
+        max_affected_share: the share of affected articles above which a full search runs.
 
     Returns:
-        The new top-``k`` table of every article in ``vectors``, computed before the call
-        returns (a local checkpoint, as :func:`top_k`).
+        A :class:`ListUpdate`.
 
     Raises:
-        ValueError: as :func:`top_k`, or an index of another dimension.
+        ValueError: as :func:`top_k`, an index of another dimension or another hash than
+            ``kmeans``/``srp``.
     """
     if k < 1:
         raise ValueError(f"knn: k must be >= 1, got {k}")
     indexed, n, dim = prepare(vectors)
     cached = [indexed]
     try:
-        if n < 2:
-            return top_k(vectors, k, index=index, segments=segments)
-        if index.dim != dim:
+        if index.dim != dim and n > 0:
             raise ValueError(f"knn: the LSH index was fitted on {index.dim}-d vectors, these have {dim}")
-        return materialised(_update(indexed, n, dim, previous, changed, k, index, segments, block_size, block_rows,
-                                     cached))
+        return _update(vectors, indexed, n, dim, previous, changed, k, index, segments, block_size, block_rows,
+                       max_affected_share, cached)
     finally:
         for df in cached:
             df.unpersist()
 
 
-def _update(indexed: DataFrame, n: int, dim: int, previous: DataFrame, changed: DataFrame, k: int, index: LSHIndex,
-            segments: Segments, block_size: int, block_rows: int, cached: list[DataFrame]) -> DataFrame:
-    """The lists of :func:`update_top_k`, lazily; what it persists goes into ``cached``."""
+def _update(vectors: DataFrame, indexed: DataFrame, n: int, dim: int, previous: DataFrame, changed: DataFrame, k: int, index: LSHIndex,
+            segments: Segments, block_size: int, block_rows: int, max_affected_share: float,
+            cached: list[DataFrame]) -> ListUpdate:
+    """:func:`update_top_k` once the vectors are prepared; what it persists goes into ``cached``."""
     names = indexed.select("idx", "article_id")
     want = min(k, n - 1)
+    seg_cols = ["segment_scores"] if segments else []
+    prev = previous.select("article_id", "neighbour_id", "score", "rank", *seg_cols)
+    removed = prev.select("article_id").distinct().join(names, "article_id", "left_anti").persist()
+    cached.append(removed)
+    n_removed = removed.count()
+
+    def full_search(reason: str, affected: int) -> ListUpdate:
+        logger.info("lsh update: %s; full search with the saved index", reason)
+        lists = top_k(vectors, k, index=index, segments=segments, block_size=block_size, block_rows=block_rows)
+        replaced = materialised(prev.select("article_id").distinct().unionByName(names.select("article_id")).distinct())
+        return ListUpdate(lists, replaced, True, affected, 0, n_removed)
+
+    if n < 2:
+        return full_search("fewer than two vectors", n)
+    biggest = _largest_bucket(indexed, dim, index)
+    if biggest > index.params.max_bucket_size:
+        return full_search(f"a bucket holds {biggest} members (max_bucket_size {index.params.max_bucket_size})", n)
     delta = changed.select("article_id").distinct().join(names, "article_id").select("idx").persist()
     cached.append(delta)
-    prev = previous.select("article_id", "neighbour_id", "score", "rank", *(["segment_scores"] if segments else []))
-    # neighbours that changed (Δ) or left (not in vectors any more)
-    stale = prev.join(delta.join(names, "idx").select(F.col("article_id").alias("neighbour_id")), "neighbour_id", "left_semi")
-    gone = prev.join(names.select(F.col("article_id").alias("neighbour_id")), "neighbour_id", "left_anti")
-    short = prev.groupBy("article_id").agg(F.count(F.lit(1)).alias("found")).where(F.col("found") < want)
-    listed = prev.select("article_id").distinct()
-    affected = (
-        delta.unionByName(stale.select("article_id").unionByName(gone.select("article_id"))
-                          .unionByName(short.select("article_id")).join(names, "article_id").select("idx"))
-        .unionByName(names.join(listed, "article_id", "left_anti").select("idx"))  # no previous list at all
-        .distinct()
+    # previous rows by idx; a neighbour no longer in the catalogue has a null nidx
+    by_idx = (
+        prev.join(names, "article_id")
+        .join(names.select(F.col("article_id").alias("neighbour_id"), F.col("idx").alias("nidx")), "neighbour_id", "left")
+        .select("idx", "nidx", "score", "rank", *seg_cols)
         .persist()
     )
-    rows = assign_cells(indexed, dim, index).persist()
-    cached.extend([affected, rows])
-    in_a = rows.join(affected.withColumn("a", F.lit(True)), "idx", "left").withColumn("a", F.coalesce("a", F.lit(False)))
-    in_ad = in_a.join(delta.withColumn("d", F.lit(True)), "idx", "left").withColumn("d", F.coalesce("d", F.lit(False)))
-    empty = F.array().cast("array<bigint>")
-    params = index.params
+    cached.append(by_idx)
+    stale = by_idx.where(F.col("nidx").isNull()).select("idx").unionByName(
+        by_idx.join(delta.select(F.col("idx").alias("nidx")), "nidx", "left_semi").select("idx"))
+    counts = by_idx.groupBy("idx").agg(F.count(F.lit(1)).alias("found"))
+    short = counts.where(F.col("found") < want).select("idx")
+    unlisted = names.select("idx").join(counts, "idx", "left_anti")
+    affected = delta.unionByName(stale).unionByName(short).unionByName(unlisted).distinct().persist()
+    cached.append(affected)
+    n_affected = affected.count()
+    if n_affected > max_affected_share * n:
+        return full_search(f"{n_affected} of {n} lists affected (more than {max_affected_share:.0%})", n_affected)
 
-    def restrict(homes: Any, probes: Any) -> DataFrame:
-        cells = in_ad.select("grp", "idx", "vec", homes.alias("homes"), probes.alias("probes"))
-        cells = cells.where((F.size("homes") > 0) | (F.size("probes") > 0))
-        busy = cells.where(F.size("probes") > 0).select("grp").distinct()
-        return cells.join(busy, "grp", "left_semi").select("grp", "idx", "vec", "homes", "probes")
+    # 1. affected articles: their probed buckets against every member
+    searched = _search_shipped(indexed, affected, dim, k, index, segments, block_size)
+    ranked = merge_pairs(searched, k, segments)
+    ranked = top_up(indexed, ranked, n, k, dim, segments, block_size, block_rows, cached, queries=affected)
+    # 2. every other list: the members of Δ in its probed buckets that beat its k-th entry
+    bars = (by_idx.where(F.col("rank") == want).join(affected, "idx", "left_anti")
+            .select("idx", F.col("score").alias("bar"), F.col("nidx").alias("bar_nidx")))
+    entering = _entering(indexed, bars, delta, dim, k, index, segments, block_size).persist()
+    cached.append(entering)
+    touched = entering.select("idx").distinct().persist()
+    cached.append(touched)
+    n_touched = touched.count()
+    kept = by_idx.join(touched, "idx", "left_semi").select("idx", "nidx", "score", *seg_cols)
+    merged = merge_pairs(kept.unionByName(entering), k, segments)
+    lists = materialised(named(ranked.unionByName(merged.select(*ranked.columns)), names, segments))
+    rewritten = affected.unionByName(touched).join(names, "idx").select("article_id")
+    replaced = materialised(rewritten.unionByName(removed).distinct())
+    logger.info("lsh update: %d articles, %d changed, %d removed, %d searched again, %d lists entered by a changed "
+                "vector", n, delta.count(), n_removed, n_affected, n_touched)
+    return ListUpdate(lists, replaced, False, n_affected, n_touched, n_removed)
 
-    # affected articles: full search of their buckets
-    full_rows = restrict(F.col("homes"), F.when(F.col("a"), F.col("probes")).otherwise(empty))
-    full = merge_pairs(score_cell_rows(full_rows, dim, k, params.max_bucket_size, params.seed, block_size, segments),
-                       k, segments)
-    full = full.join(affected, "idx", "left_semi")
-    # everyone else: previous list plus the changed members of their buckets
-    new_rows = restrict(F.when(F.col("d"), F.col("homes")).otherwise(empty),
-                        F.when(~F.col("a"), F.col("probes")).otherwise(empty))
-    fresh = score_cell_rows(new_rows, dim, k, params.max_bucket_size, params.seed, block_size, segments)
-    kept = (
-        prev.join(names, "article_id")
-        .join(affected, "idx", "left_anti")
-        .join(names.select(F.col("article_id").alias("neighbour_id"), F.col("idx").alias("nidx")), "neighbour_id")
-        .select("idx", "nidx", "score", *(["segment_scores"] if segments else []))
-    )
-    unaffected = merge_pairs(kept.unionByName(fresh.join(affected, "idx", "left_anti")), k, segments)
-    ranked = top_up(indexed, full.unionByName(unaffected), n, k, dim, segments, block_size, block_rows, cached)
-    logger.info("lsh update: %d articles, %d changed, %d affected", n, delta.count(), affected.count())
-    return named(ranked, names, segments)
+
+def _largest_bucket(indexed: DataFrame, dim: int, index: LSHIndex) -> int:
+    """Members of the largest home bucket over all bands (one pass over the vectors)."""
+
+    def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        task_threads()
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            keys, sizes = np.unique(cell_keys(probed_cells(vectors_of(batch.column("vec"), dim), index, 1)[:, :, 0]),
+                                    return_counts=True)
+            yield pa.RecordBatch.from_arrays([pa.array(keys, pa.int64()), pa.array(sizes, pa.int64())],
+                                             names=["cell", "members"])
+
+    sizes = _per_core(indexed.select("vec")).mapInArrow(count, "cell long, members long")  # type: ignore[arg-type]
+    row = sizes.groupBy("cell").agg(F.sum("members").alias("m")).agg(F.max("m")).first()
+    return int(row[0] or 0) if row is not None else 0
+
+
+def _collected(rows: DataFrame, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(idx (m,) int64, vectors (m, d) float32)`` of a small prepared frame, on the driver."""
+    table = rows.select("idx", "vec").toArrow()
+    if table.num_rows == 0:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return table.column("idx").to_numpy(), vectors_of(table.column("vec").combine_chunks(), dim)
+
+
+def _chunks(m: int, dim: int) -> list[slice]:
+    step = max(1, SHIPPED_BYTES // max(1, dim * 4))
+    return [slice(i, i + step) for i in range(0, m, step)] or [slice(0, 0)]
+
+
+def _search_shipped(indexed: DataFrame, queries: DataFrame, dim: int, k: int, index: LSHIndex, segments: Segments,
+                    block_size: int) -> DataFrame:
+    """Candidate pairs (``pair_schema(segments)``) of ``queries`` (``idx``) against every vector in
+    their probed buckets: each query's best ``k`` per task (merge them with :func:`merge_pairs`)."""
+    q_idx, q_vec = _collected(indexed.join(queries, "idx", "left_semi"), dim)
+    q_keys = cell_keys(probed_cells(q_vec, index)).reshape(len(q_idx), -1)
+    rows = _per_core(indexed.select("idx", "vec"))
+    return _union([rows.mapInArrow(_scorer(q_idx[c], q_vec[c], q_keys[c], dim, k, index, segments, block_size, True),  # type: ignore[arg-type]
+                                   pair_schema(segments))
+                   for c in _chunks(len(q_idx), dim)])
+
+
+def _entering(indexed: DataFrame, bars: DataFrame, delta: DataFrame, dim: int, k: int, index: LSHIndex,
+              segments: Segments, block_size: int) -> DataFrame:
+    """Pairs ``(idx, nidx ∈ Δ, score)`` where a changed vector ``nidx`` is in a probed bucket of an
+    unaffected article ``idx`` and beats that article's ``k``-th entry (``bars``: ``idx, bar,
+    bar_nidx``; ``bars`` is broadcast, one small row per article)."""
+    d_idx, d_vec = _collected(indexed.join(delta, "idx", "left_semi"), dim)
+    d_keys = cell_keys(probed_cells(d_vec, index, 1)[:, :, 0])  # (m, bands): home buckets
+    rows = _per_core(indexed.select("idx", "vec").join(F.broadcast(bars), "idx"))
+    return _union([rows.mapInArrow(_scorer(d_idx[c], d_vec[c], d_keys[c], dim, k, index, segments, block_size, False),  # type: ignore[arg-type]
+                                   pair_schema(segments))
+                   for c in _chunks(len(d_idx), dim)])
+
+
+def _per_core(rows: DataFrame) -> DataFrame:
+    """``rows`` in at most one partition per core of the application: a pass that scores shipped
+    vectors costs little per row, so each Python task's fixed cost (about 0.1 s) would dominate
+    with many small partitions."""
+    return rows.coalesce(max(1, rows.sparkSession.sparkContext.defaultParallelism))
+
+
+def _union(parts: list[DataFrame]) -> DataFrame:
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.unionByName(part)
+    return out
+
+
+def _scorer(s_idx: np.ndarray, s_vec: np.ndarray, s_keys: np.ndarray, dim: int, k: int, index: LSHIndex,
+            segments: Segments, block_size: int, queries_ship: bool) -> Callable[[Iterator[pa.RecordBatch]],
+                                                                                   Iterator[pa.RecordBatch]]:
+    """The task function of one pass. The shipped rows (``s_*``) are the queries with their
+    probed bucket keys (``queries_ship``) or changed vectors with their home bucket keys; the
+    task's partition holds the other side. Each task scores its whole partition in one
+    :func:`score_cells` call and returns every query's best ``k`` (after the bar, when the
+    partition carries ``bar``/``bar_nidx``)."""
+    m = len(s_idx)
+    bands = int(index.fitted["bands"])
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        task_threads()
+        tables = [b for b in batches if b.num_rows]
+        if not tables or m == 0:
+            return
+        table = pa.Table.from_batches(tables).combine_chunks()
+        p_idx = table.column("idx").to_numpy()
+        p_vec = vectors_of(table.column("vec").chunk(0), dim)
+        vec = np.concatenate([s_vec, p_vec])
+        ids = np.concatenate([s_idx, p_idx])
+        own = np.arange(m, m + len(p_idx))
+        if queries_ship:  # partition rows are data: their home buckets
+            own_keys = cell_keys(probed_cells(p_vec, index, 1)[:, :, 0])
+            homes = (np.repeat(own, own_keys.shape[1]), own_keys.ravel())
+            probes = (np.repeat(np.arange(m), s_keys.shape[1]), s_keys.ravel())
+        else:  # partition rows are queries: their probed buckets
+            own_keys = cell_keys(probed_cells(p_vec, index)).reshape(len(p_idx), -1)
+            homes = (np.repeat(np.arange(m), s_keys.shape[1]), s_keys.ravel())
+            probes = (np.repeat(own, own_keys.shape[1]), own_keys.ravel())
+        # with several bands a pair can meet in more than one: score_cells must then drop duplicates
+        result = score_cells(vec, ids, homes, probes, k, NO_WINDOW, np.zeros(len(vec), np.float32), block_size,
+                             unique=bands == 1)
+        rows, cols, scores = result.rows, result.cols, result.scores
+        if not queries_ship:
+            bar = table.column("bar").to_numpy().astype(np.float32)
+            bar_nidx = table.column("bar_nidx").to_numpy()
+            q = rows - m
+            beats = (scores > bar[q]) | ((scores == bar[q]) & (ids[cols] < bar_nidx[q]))
+            rows, cols, scores = rows[beats], cols[beats], scores[beats]
+        if len(rows) == 0:
+            return
+        keep, _ = merge_top_k(ids[rows], ids[cols], scores, k)
+        rows, cols, scores = rows[keep], cols[keep], scores[keep]
+        seg = segment_cosines(vec[rows], vec[cols], segments) if segments else None
+        yield pairs_batch(ids[rows], ids[cols], scores, seg)
+
+    return run
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -42,14 +43,17 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
 
     Quality per modality: category precision@K over all its articles and over the articles that
     have every modality (``common``, where modalities compare like for like), and a linear probe
-    (:func:`recsys.evaluation.probe.linear_probe`) on the common articles.
+    (:func:`recsys.evaluation.probe.linear_probe`) on the common articles. An update measures
+    category precision on the lists it rewrote (``measured_on``) and no recall or probe (the
+    index and the vectors' model are those the full run measured).
 
     A daily refresh (``lsh``): the index fitted on a full run is saved (``lsh_index``) and the
     versions of ``item_embeddings`` and ``articles`` it read are recorded (``stage_state``). The
     next run compares each modality's vectors with those versions (:func:`plan`): none changed,
     nothing is searched or written; a few changed (at most ``knn.refit_share``), only the lists
-    they can touch are searched again with the saved index (:func:`recsys.knn.update_top_k`,
-    equal to a full recompute with that index); otherwise, or when the model, the settings or
+    they alter are rewritten with the saved index (:func:`recsys.knn.update_top_k`, equal to a
+    full recompute with that index; one MERGE writes those lists and deletes the rows they
+    supersede); otherwise, or when the model, the settings or
     the index's age (``knn.refit_days``) call for it, the index is refitted and every list
     recomputed.
 
@@ -117,8 +121,9 @@ def plan(
     """Decide how to bring ``modality``'s lists up to date (see :class:`Plan` and ``knn.refit_*``).
 
     The vectors that changed are the difference between ``item_embeddings`` and ``articles`` at
-    the versions the last run consumed and now: new or changed vectors (article_id and vector
-    compared) and removed articles. With ``knn.recompute`` a usable saved index is kept but every
+    the versions the last run consumed and now: new or changed vectors (article_id and
+    ``content_hash`` compared: a vector is a function of its model and content hash) and removed
+    articles. With ``knn.recompute`` a usable saved index is kept but every
     list is searched again (``full`` with ``saved``): what an update must equal.
     """
     db = cfg.data.database
@@ -144,14 +149,18 @@ def plan(
     old_articles = state.as_of(spark, db, tables.ARTICLES, previous.versions["articles"])
     if old_embeddings is None or old_articles is None:
         return Plan("full", "the versions the last run read are no longer readable")
-    old = (
-        old_embeddings.where((F.col("modality") == modality) & (F.col("model_id") == model_id))
-        .join(old_articles.select("article_id"), "article_id", "left_semi")
-        .select("article_id", "vector")
-    )
-    changed = vectors.join(old, ["article_id", "vector"], "left_anti").select("article_id").persist()
+    # a vector is a function of its model and content_hash (every writer of item_embeddings
+    # keeps that true), so the hashes tell what changed without reading a vector
+    def hashes(embeddings: DataFrame, articles: DataFrame) -> DataFrame:
+        return (embeddings.where((F.col("modality") == modality) & (F.col("model_id") == model_id))
+                .join(articles.select("article_id"), "article_id", "left_semi")
+                .select("article_id", F.coalesce("content_hash", F.lit("")).alias("content_hash")))
+
+    old = hashes(old_embeddings, old_articles)
+    now = hashes(tables.read(spark, db, tables.ITEM_EMBEDDINGS), tables.read(spark, db, tables.ARTICLES))
+    changed = now.join(old, ["article_id", "content_hash"], "left_anti").select("article_id").persist()
     n_changed = changed.count()
-    n_removed = old.select("article_id").join(vectors, "article_id", "left_anti").count()
+    n_removed = old.select("article_id").join(now, "article_id", "left_anti").count()
     lists = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
     if lists.limit(1).count() == 0:
         changed.unpersist()
@@ -187,15 +196,24 @@ def _neighbours_of(
     how = plan(spark, cfg, modality, model_ids[modality], vectors, n_vectors, previous, segments)
     logger.info("neighbours %s: %s (%s)", modality, how.mode, how.reason)
     knn = cfg.knn
+    deleted: DataFrame | None = None  # update: the superseded rows, deleted in the MERGE
+    measured = "all lists"
     try:
         if how.mode == "unchanged":
             return {"vectors": n_vectors, "mode": how.mode, "reason": how.reason, "changed": 0, "removed": 0,
                     "seconds": round(time.perf_counter() - started, 2)}
         if how.mode == "update":
             assert how.saved is not None and how.changed is not None and how.previous is not None
-            result = update_top_k(vectors, how.previous, how.changed, knn.k, how.saved.index, segments, knn.block_size,
-                                  knn.exact_block_rows)
-            index_id = how.saved.index_id
+            update = update_top_k(vectors, how.previous, how.changed, knn.k, how.saved.index, segments,
+                                  knn.block_size, knn.exact_block_rows)
+            result, index_id = update.lists, how.saved.index_id
+            if not update.full:
+                deleted = how.previous.join(update.replaced, "article_id", "left_semi").select(
+                    "article_id", F.lit(modality).alias("modality"), "rank")
+                measured = "rewritten lists"
+            how = dataclasses.replace(how, reason=f"{how.reason}; {update.affected} lists searched again, "
+                                      f"{update.touched} entered by a changed vector"
+                                      + ("; full search (cheaper)" if update.full else ""))
         elif knn.backend == "lsh" and how.saved is not None:  # knn.recompute
             index_id = how.saved.index_id
             result = top_k(vectors, knn.k, "lsh", segments=segments, block_size=knn.block_size,
@@ -227,11 +245,19 @@ def _neighbours_of(
         scores.alias("modality_scores"),
         F.lit(run_id).alias("run_id"),
     )
-    # one commit; only the rows that differ are written (an update touches few lists)
-    tables.merge(spark, db, tables.ITEM_NEIGHBOURS, rows, only_changed=True, delete_missing=f"t.modality = '{modality}'")
+    # one commit; only the rows that differ are written. An update brings the rewritten lists
+    # and the keys of the rows they supersede; a full search the whole slice.
+    if deleted is not None:
+        tables.merge(spark, db, tables.ITEM_NEIGHBOURS, rows, only_changed=True, deleted=deleted)
+    else:
+        tables.merge(spark, db, tables.ITEM_NEIGHBOURS, rows, only_changed=True,
+                     delete_missing=f"t.modality = '{modality}'")
     seconds = time.perf_counter() - started
     written = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
     counts = tables.first_row(written.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles")))
+    # an update measures the lists it rewrote (the others were measured when written)
+    checked = written.join(result.select("article_id").distinct(), "article_id", "left_semi") if deleted is not None \
+        else written
     entry: dict[str, Any] = {
         "vectors": n_vectors,
         "mode": how.mode,
@@ -242,14 +268,16 @@ def _neighbours_of(
         "articles": int(counts["articles"]),
         "rows": int(counts["rows"]),
         "seconds": round(seconds, 2),
-        "category_precision_at_k": round(category_precision(spark, cfg, written), 4),
+        "measured_on": measured,
+        "category_precision_at_k": round(category_precision(spark, cfg, checked), 4),
         "category_precision_common_at_k": round(
-            category_precision(spark, cfg, written.join(common, "article_id", "left_semi")), 4
+            category_precision(spark, cfg, checked.join(common, "article_id", "left_semi")), 4
         ),
     }
     if how.mode == "full":  # the probe fits a classifier: a property of the vectors, measured when refitted
         entry.update(linear_probe(spark, cfg, vectors.join(common, "article_id", "left_semi")))
-    if cfg.knn.recall_sample and cfg.knn.backend != "exact":
+    # recall measures the index: with a full search (an update equals a full search with the same index)
+    if cfg.knn.recall_sample and cfg.knn.backend != "exact" and deleted is None:
         t0 = time.perf_counter()
         r = recall_at_k(vectors, written, cfg.knn.k, cfg.knn.recall_sample)
         entry["recall_at_k"] = round(r["recall"], 4)

@@ -167,8 +167,16 @@ def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignor
     keep = [i for i in range(1500) if not 200 <= i < 230]
     now = frame(spark, v2[keep], [ids[i] for i in keep])
     new_or_changed = spark.createDataFrame([(ids[i],) for i in [*changed, *range(1400, 1500)]], "article_id string")
-    updated = lists(update_top_k(now, before, new_or_changed, 6, index))
+    update = update_top_k(now, before, new_or_changed, 6, index, max_affected_share=1.0)
+    updated = lists(update.applied(before))
     full = lists(top_k(now, 6, index=index))
+    # it rewrote only some lists: the changed and new articles, those that listed a changed or
+    # removed one, those a changed one entered; the removed articles' lists are gone
+    rewritten = {r["article_id"] for r in update.lists.select("article_id").distinct().collect()}
+    replaced = {r["article_id"] for r in update.replaced.collect()}
+    assert not update.full and update.removed == 30 and update.touched > 0
+    assert {ids[i] for i in [*changed, *range(1400, 1500)]} <= rewritten and len(rewritten) < len(keep)
+    assert replaced == rewritten | {ids[i] for i in range(200, 230)}
     assert updated.keys() == full.keys() and len(full) == len(keep)
     for article, rows in full.items():
         assert [n for _, n, _ in updated[article]] == [n for _, n, _ in rows], article
@@ -196,7 +204,8 @@ def test_no_cache_outlives_a_call(spark) -> None:  # type: ignore[no-untyped-def
     index = fit_index(df, LSHParams(target_bucket_size=20, probes=3, seed=2))
     assert cache_is_empty(spark)
     changed = spark.createDataFrame([(f"a{i:05d}",) for i in range(10)], "article_id string")
-    updated = update_top_k(df, top_k(df, 5, index=index), changed, 5, index)
+    before = top_k(df, 5, index=index)
+    updated = update_top_k(df, before, changed, 5, index).applied(before)
     assert cache_is_empty(spark)
     assert updated.count() == 200 * 5
     assert recall_at_k(df, updated, 5, sample=20)["queries"] == 20

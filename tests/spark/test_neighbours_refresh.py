@@ -3,6 +3,7 @@ vectors cost no search, and an incremental day equals a full recompute with the 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ DB = "neighbours_refresh"
 EMBEDDING_SCHEMA = StructType([
     StructField("article_id", StringType()), StructField("modality", StringType()), StructField("model_id", StringType()),
     StructField("vector", ArrayType(FloatType(), False)), StructField("dim", IntegerType()),
+    StructField("content_hash", StringType()),
 ])
 
 
@@ -30,7 +32,9 @@ def publish(spark, vectors: dict[str, np.ndarray], catalogue: list[str]) -> None
     write_table(spark, DB, tables.ARTICLES, spark.createDataFrame(
         [(a, f"type{int(a[1:]) % 4}") for a in catalogue], "article_id string, category_l3 string"))
     write_table(spark, DB, tables.ITEM_EMBEDDINGS, spark.createDataFrame(
-        [(a, "metadata", "onehot@m1", v.tolist(), len(v)) for a, v in sorted(vectors.items())], EMBEDDING_SCHEMA))
+        # the content hash names the vector's input, as every writer of item_embeddings keeps it
+        [(a, "metadata", "onehot@m1", v.tolist(), len(v), hashlib.sha256(v.tobytes()).hexdigest())
+         for a, v in sorted(vectors.items())], EMBEDDING_SCHEMA))
 
 
 def lists(spark) -> dict[str, list[tuple[str, float]]]:  # type: ignore[no-untyped-def]
