@@ -306,8 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stage:<12}" + "".join(f"{v:>17.1f}" for v in row) + f"{row[1] / max(row[0], 1e-9):>12.2f}")
     print(f"{'total - train':<12}" + "".join(f"{timings[n]['total'] - timings[n]['train']:>17.1f}" for n in names)
           + f"{(timings[names[1]]['total'] - timings[names[1]]['train']) / max(timings[names[0]]['total'] - timings[names[0]]['train'], 1e-9):>12.2f}")
-    print("\nneighbours per modality, incremental N+1 (mode, seconds):", json.dumps(
-        {m: (v.get("mode"), v.get("seconds")) for m, v in incremental["neighbours"].items() if isinstance(v, dict)}))
+    print("\nneighbours per modality, incremental N+1 (mode, seconds, reason):", json.dumps(
+        {m: (v.get("mode"), v.get("seconds"), v.get("reason")) for m, v in incremental["neighbours"].items()
+         if isinstance(v, dict)}, indent=1))
+    print("embed, incremental N+1 (seconds; metadata encoded, fused):", json.dumps(
+        {m: v.get("seconds") for m, v in incremental["embed"].items() if isinstance(v, dict)}),
+        incremental["embed"].get("metadata", {}).get("encoded"), incremental["embed"].get("fused", {}).get("fused"))
     if args.no_recompute:
         spark.stop()
         return 0

@@ -26,21 +26,19 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     a removed article), so readers see the previous lists or the new ones, never a mix.
 
     Skips (and says so) when ``item_neighbours`` and ``item_recommendations`` kept their rows
-    since its last run with the same ``knn.modalities``.
+    since its last run with the same ``knn.modalities``. When only ``item_neighbours`` changed
+    since then, its change data feed names the articles whose lists changed, and only those are
+    read and merged (``changed_lists``); otherwise every list is.
 
     Returns:
-        ``{source_modality, articles, rows}``, or ``{skipped}``.
+        ``{source_modality, articles, rows, changed_lists}`` (``changed_lists`` None: every list
+        read), or ``{skipped}``.
 
     Raises:
         RuntimeError: no neighbours have been computed yet.
     """
     db = cfg.data.database
     consumed = state.versions(spark, db, INPUTS)
-    settings = {"modalities": state.fingerprint(list(cfg.knn.modalities))}
-    last = state.unchanged_since_last_run(spark, db, STAGE, (*INPUTS, *OUTPUTS), settings)
-    if last is not None:
-        logger.info("recommend: item_neighbours unchanged since run %s, skipped", last)
-        return {"skipped": f"inputs unchanged since run {last}"}
     available = {
         r["modality"] for r in tables.read(spark, db, tables.ITEM_NEIGHBOURS).select("modality").distinct().collect()
     }
@@ -48,7 +46,24 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     if not preferred:
         raise RuntimeError("recommend: item_neighbours is empty; run the neighbours stage first")
     modality = preferred[0]
+    settings = {"modalities": state.fingerprint(list(cfg.knn.modalities)), "source": modality}
+    last = state.unchanged_since_last_run(spark, db, STAGE, (*INPUTS, *OUTPUTS), settings)
+    if last is not None:
+        logger.info("recommend: item_neighbours unchanged since run %s, skipped", last)
+        return {"skipped": f"inputs unchanged since run {last}"}
     chosen = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
+    # the lists that changed since the last run, from item_neighbours' change data feed, when
+    # this table was written from the same source since then; otherwise every list
+    previous = state.consumed(spark, db, STAGE)
+    changes = None
+    if (previous.fingerprints == settings and "item_neighbours" in previous.versions
+            and not state.data_changed(spark, db, tables.ITEM_RECOMMENDATIONS,
+                                       previous.versions.get("item_recommendations", -1))):
+        changes = tables.changes_since(spark, db, tables.ITEM_NEIGHBOURS, previous.versions["item_neighbours"])
+    if changes is not None:
+        touched = changes.where(F.col("modality") == modality).select("article_id").distinct().persist()
+        chosen = chosen.join(touched, "article_id", "left_semi")
+        deleted = tables.read(spark, db, tables.ITEM_RECOMMENDATIONS).join(touched, "article_id", "left_semi")
     rows = chosen.select(
         "article_id",
         "rank",
@@ -57,11 +72,20 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         F.coalesce("modality_scores", F.create_map(F.lit(modality), F.col("score"))).alias("modality_scores"),
         F.lit(run_id).alias("run_id"),
     )
-    tables.merge(spark, db, tables.ITEM_RECOMMENDATIONS, rows, only_changed=True, delete_missing="true")
+    if changes is None:
+        tables.merge(spark, db, tables.ITEM_RECOMMENDATIONS, rows, only_changed=True, delete_missing="true")
+        changed_lists = None
+    else:
+        changed_lists = touched.count()
+        if changed_lists:
+            tables.merge(spark, db, tables.ITEM_RECOMMENDATIONS, rows, only_changed=True, deleted=deleted)
+        touched.unpersist()
     state.record(spark, db, STAGE, run_id, {**consumed, **state.versions(spark, db, OUTPUTS)}, settings)
     counts = tables.first_row(
         tables.read(spark, db, tables.ITEM_RECOMMENDATIONS)
         .agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles"))
     )
-    logger.info("recommend: %d articles, %d rows (from %s neighbours)", counts["articles"], counts["rows"], modality)
-    return {"source_modality": modality, "articles": int(counts["articles"]), "rows": int(counts["rows"])}
+    logger.info("recommend: %d articles, %d rows (from %s neighbours; %s)", counts["articles"], counts["rows"],
+                modality, "every list" if changed_lists is None else f"{changed_lists} changed lists")
+    return {"source_modality": modality, "articles": int(counts["articles"]), "rows": int(counts["rows"]),
+            "changed_lists": changed_lists}
