@@ -107,8 +107,7 @@ def update_top_k(
         A :class:`ListUpdate`.
 
     Raises:
-        ValueError: as :func:`top_k`, an index of another dimension or another hash than
-            ``kmeans``/``srp``.
+        ValueError: as :func:`top_k`, or an index of another dimension.
     """
     if k < 1:
         raise ValueError(f"knn: k must be >= 1, got {k}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -275,6 +276,34 @@ def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> 
     }
 
 
+def write_changed(spark: SparkSession, db: str, modality: str, mid: str, hashed: DataFrame,
+                  rows_for: Callable[[DataFrame], DataFrame]) -> tuple[int, int]:
+    """Write the vectors of ``modality`` whose ``content_hash`` changed, in one MERGE.
+
+    ``hashed`` holds every current article of the modality (``article_id, content_hash`` and what
+    ``rows_for`` needs); the articles whose hash is not stored under ``mid`` go to ``rows_for``
+    (→ ``item_embeddings`` rows), and the stored vectors of this modality that are not
+    ``(current article, mid)`` are deleted in the same commit. No commit when nothing changed.
+
+    Returns:
+        ``(written, deleted)`` counts.
+    """
+    stored = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where(F.col("modality") == modality)
+    todo = hashed.join(stored.where(F.col("model_id") == mid).select("article_id", "content_hash"),
+                       ["article_id", "content_hash"], "left_anti").persist()
+    deleted = (stored.select("article_id", "modality", "model_id")
+               .join(hashed.select("article_id", F.lit(mid).alias("model_id")), ["article_id", "model_id"], "left_anti")
+               .persist())
+    try:
+        n_todo, n_deleted = todo.count(), deleted.count()
+        if n_todo or n_deleted:
+            tables.merge(spark, db, tables.ITEM_EMBEDDINGS, rows_for(todo), only_changed=True, deleted=deleted)
+        return n_todo, n_deleted
+    finally:
+        todo.unpersist()
+        deleted.unpersist()
+
+
 def _metadata_frame(articles: DataFrame, cfg: Config) -> tuple[DataFrame, list[str]]:
     columns = [*cfg.metadata.columns, *(f"attr_{a}" for a in cfg.metadata.attributes)]
     frame = articles.select(
@@ -344,28 +373,15 @@ def embed_metadata(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, A
     # encode only the articles whose attributes (or model) changed: the hash says which
     hashed = frame.select("article_id", *columns, F.sha2(F.concat_ws("|", F.lit(mid), F.to_json(F.struct(*columns))),
                                                           256).alias("content_hash"))
-    stored = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where(F.col("modality") == "metadata")
-    todo = hashed.join(stored.where(F.col("model_id") == mid).select("article_id", "content_hash"),
-                       ["article_id", "content_hash"], "left_anti").persist()
-    deleted = (stored.select("article_id", "modality", "model_id")
-               .join(frame.select("article_id", F.lit(mid).alias("model_id")), ["article_id", "model_id"], "left_anti")
-               .persist())
-    try:
-        n_todo, n_deleted = todo.count(), deleted.count()
-        if n_todo or n_deleted:
-            vectors = todo.select(
-                "article_id",
-                F.lit("metadata").alias("modality"),
-                F.lit(mid).alias("model_id"),
-                encode(F.struct(*columns)).alias("vector"),
-                F.lit(dim).alias("dim"),
-                "content_hash",
-                F.lit(run_id).alias("run_id"),
-            )
-            tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors, only_changed=True, deleted=deleted)
-    finally:
-        todo.unpersist()
-        deleted.unpersist()
+    n_todo, n_deleted = write_changed(spark, db, "metadata", mid, hashed, lambda todo: todo.select(
+        "article_id",
+        F.lit("metadata").alias("modality"),
+        F.lit(mid).alias("model_id"),
+        encode(F.struct(*columns)).alias("vector"),
+        F.lit(dim).alias("dim"),
+        "content_hash",
+        F.lit(run_id).alias("run_id"),
+    ))
     seconds = time.perf_counter() - started
     n = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where("modality = 'metadata'").count()
     logger.info("embed metadata: %d articles, %d encoded, %d deleted, dim %d, %d labels added, %.1f s (model %s%s)",
@@ -414,29 +430,16 @@ def fuse(spark: SparkSession, cfg: Config, run_id: str, model_ids: dict[str, str
         .agg(F.sha2(F.concat_ws("|", F.lit(mid), F.array_join(F.array_sort(F.collect_list(part)), "|")), 256)
              .alias("content_hash"))
     )
-    stored = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where(F.col("modality") == "fused")
-    todo = hashes.join(stored.where(F.col("model_id") == mid).select("article_id", "content_hash"),
-                       ["article_id", "content_hash"], "left_anti").persist()
-    deleted = (stored.select("article_id", "modality", "model_id")
-               .join(hashes.select("article_id", F.lit(mid).alias("model_id")), ["article_id", "model_id"], "left_anti")
-               .persist())
-    try:
-        n_todo, n_deleted = todo.count(), deleted.count()
-        if n_todo or n_deleted:
-            fused = fuse_vectors(vectors.join(todo.select("article_id"), "article_id", "left_semi"), layout)
-            rows = fused.join(todo, "article_id").select(
-                "article_id",
-                F.lit("fused").alias("modality"),
-                F.lit(mid).alias("model_id"),
-                "vector",
-                "dim",
-                "content_hash",
-                F.lit(run_id).alias("run_id"),
-            )
-            tables.merge(spark, db, tables.ITEM_EMBEDDINGS, rows, only_changed=True, deleted=deleted)
-    finally:
-        todo.unpersist()
-        deleted.unpersist()
+    n_todo, n_deleted = write_changed(spark, db, "fused", mid, hashes, lambda todo: fuse_vectors(
+        vectors.join(todo.select("article_id"), "article_id", "left_semi"), layout).join(todo, "article_id").select(
+        "article_id",
+        F.lit("fused").alias("modality"),
+        F.lit(mid).alias("model_id"),
+        "vector",
+        "dim",
+        "content_hash",
+        F.lit(run_id).alias("run_id"),
+    ))
     n = tables.read(spark, db, tables.ITEM_EMBEDDINGS).where("modality = 'fused'").count()
     seconds = time.perf_counter() - started
     logger.info("fuse %s: %d articles, %d fused, %d deleted, dim %d, %.1f s",
