@@ -181,6 +181,11 @@ def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignor
     for article, rows in full.items():
         assert [n for _, n, _ in updated[article]] == [n for _, n, _ in rows], article
         assert np.allclose([s for _, _, s in updated[article]], [s for _, _, s in rows], atol=1e-5)
+    # with the default share (30%) the 484 affected lists of 1,470 call for a full search instead
+    fallback = update_top_k(now, before, new_or_changed, 6, index)
+    assert fallback.full and fallback.affected > 0.3 * len(keep)
+    assert {a: [n for _, n, _ in r] for a, r in lists(fallback.applied(before)).items()} == {
+        a: [n for _, n, _ in r] for a, r in full.items()}
     # the update did real work: unchanged articles gained new neighbours and lost removed ones
     old_lists = lists(before)
     unchanged = [ids[i] for i in keep if i < 100 or 140 <= i < 1400]
