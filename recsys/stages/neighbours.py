@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -24,46 +24,38 @@ logger = logging.getLogger(__name__)
 STAGE = "neighbours"
 
 
-def category_precision(spark: SparkSession, cfg: Config, neighbours: DataFrame, column: str = "category_l3") -> float:
-    """Share of (article, neighbour) pairs whose ``column`` (default: product type) is equal."""
-    cats = tables.read(spark, cfg.data.database, tables.ARTICLES).select("article_id", column)
-    joined = neighbours.join(cats, "article_id").join(
-        cats.select(F.col("article_id").alias("neighbour_id"), F.col(column).alias("n_cat")), "neighbour_id"
-    )
-    value = tables.first_row(joined.agg(F.avg((F.col(column) == F.col("n_cat")).cast("double"))))[0]
-    return float(value) if value is not None else float("nan")
-
-
 def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     """Top-K neighbours for each configured modality (``cfg.knn.modalities``).
 
-    Writes ``item_neighbours`` (one MERGE per modality: the modality's rows become the new lists,
-    only rows that differ are written). For the fused
-    vectors, each pair also carries the cosine in every modality (``modality_scores``).
+    Every modality's new lists are computed first, then written to ``item_neighbours`` in one
+    MERGE (one commit: a reader sees every modality of the last run or of this one; only rows
+    that differ are written). For the fused vectors, each pair also carries the cosine in every
+    modality (``modality_scores``).
 
-    Quality per modality: category precision@K over all its articles and over the articles that
-    have every modality (``common``, where modalities compare like for like), and a linear probe
+    Quality per modality: category precision@K over its lists and over those of the articles
+    that have every modality (``common``, where modalities compare like for like), measured for
+    every written modality in one pass after the write; on a full search also recall@K (LSH
+    against exact on ``cfg.knn.recall_sample`` queries) and a linear probe
     (:func:`recsys.evaluation.probe.linear_probe`) on the common articles. An update measures
     category precision on the lists it rewrote (``measured_on``) and no recall or probe (the
     index and the vectors' model are those the full run measured).
 
     A daily refresh (``lsh``): the index fitted on a full run is saved (``lsh_index``) and the
     versions of ``item_embeddings`` and ``articles`` it read are recorded (``stage_state``). The
-    next run compares each modality's vectors with those versions (:func:`plan`): none changed,
-    nothing is searched or written; a few changed (at most ``knn.refit_share``), only the lists
-    they alter are rewritten with the saved index (:func:`recsys.knn.update_top_k`, equal to a
-    full recompute with that index; one MERGE writes those lists and deletes the rows they
-    supersede); otherwise, or when the model, the settings or
-    the index's age (``knn.refit_days``) call for it, the index is refitted and every list
-    recomputed.
+    next run compares the vectors with those versions, every modality in one pass
+    (:func:`changes_since`): none of a modality's vectors changed, nothing of it is searched or
+    written; a few changed (at most ``knn.refit_share``), only the lists they alter are rewritten
+    with the saved index (:func:`recsys.knn.update_top_k`, equal to a full recompute with that
+    index; the MERGE writes those lists and deletes the rows they supersede); otherwise, or when
+    the model, the settings or the index's age (``knn.refit_days``) call for it, the index is
+    refitted and every list recomputed (:func:`plan`).
 
     Returns:
         Per modality: ``mode`` (full, update, unchanged) and its ``reason``, ``changed`` and
-        ``removed`` vectors, ``index_id``, ``articles``, ``rows``, ``seconds``, ``recall_at_k``
-        (LSH against exact on ``cfg.knn.recall_sample`` queries), ``category_precision_at_k``,
-        ``category_precision_common_at_k``, ``probe_macro_f1``, ``probe_accuracy`` (full mode only);
-        and
-        ``common_articles``.
+        ``removed`` vectors, ``index_id``, ``articles``, ``rows``, ``seconds`` (the search; the
+        write and the measures are in ``write_seconds`` and ``measure_seconds``),
+        ``recall_at_k``, ``category_precision_at_k``, ``category_precision_common_at_k``,
+        ``probe_macro_f1``, ``probe_accuracy`` (full mode only); and ``common_articles``.
     """
     db = cfg.data.database
     versions = {"item_embeddings": state.table_version(spark, db, tables.ITEM_EMBEDDINGS),
@@ -82,6 +74,10 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         .select("article_id")
         .persist()
     )
+    wanted = {m: model_ids[m] for m in cfg.knn.modalities if m in model_ids}
+    changes = (changes_since(spark, cfg, wanted, previous)
+               if previous is not None and cfg.knn.backend == "lsh" and not cfg.knn.recompute else None)
+    written: list[Written] = []
     try:
         report["common_articles"] = common.count()
         for modality in cfg.knn.modalities:
@@ -90,13 +86,85 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
                 continue
             vectors = current_vectors(spark, cfg, {modality: model_ids[modality]}).select("article_id", "vector").persist()
             try:
-                report[modality] = _neighbours_of(spark, cfg, run_id, modality, vectors, common, model_ids, previous)
+                report[modality], out = _neighbours_of(spark, cfg, run_id, modality, vectors, common, model_ids,
+                                                       previous, changes)
             finally:
                 vectors.unpersist()
+            if out is not None:
+                written.append(out)
+        if written:
+            started = time.perf_counter()
+            _write(spark, db, written)
+            report["write_seconds"] = round(time.perf_counter() - started, 2)
+            started = time.perf_counter()
+            for modality, figures in measure(spark, cfg, written, common).items():
+                report[modality].update(figures)
+                logger.info("neighbours %s: %d articles, %d rows, category precision@%d %.3f (common articles %.3f)",
+                            modality, figures["articles"], figures["rows"], cfg.knn.k,
+                            figures["category_precision_at_k"], figures["category_precision_common_at_k"])
+            report["measure_seconds"] = round(time.perf_counter() - started, 2)
     finally:
         common.unpersist()
+        if changes is not None:
+            changes.changed.unpersist()
     state.record(spark, db, STAGE, run_id, versions, settings)
     return report
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What changed in ``item_embeddings`` and ``articles`` since the versions the last run read,
+    for each modality's current model (:func:`changes_since`).
+
+    Attributes:
+        changed: ``(modality, article_id)`` of every new or changed vector (persisted).
+        n_changed, n_removed: per modality, new or changed vectors and removed ones (absent: 0).
+        listed: the modalities that have lists in ``item_neighbours``.
+    """
+
+    changed: DataFrame
+    n_changed: dict[str, int]
+    n_removed: dict[str, int]
+    listed: frozenset[str]
+
+
+def changes_since(spark: SparkSession, cfg: Config, model_ids: dict[str, str],
+                  previous: state.Consumed) -> Changes | None:
+    """The new, changed and removed vectors of every modality in ``model_ids`` (with that model)
+    since the versions of ``item_embeddings`` and ``articles`` that ``previous`` consumed, in one
+    pass: a vector is a function of its model and ``content_hash`` (every writer of
+    ``item_embeddings`` keeps that true), so ``(modality, article_id, content_hash)`` compared
+    at both versions tells what changed without reading a vector.
+
+    Returns:
+        :class:`Changes` (its ``changed`` persisted: unpersist it), or None when those versions
+        can no longer be read (vacuumed).
+    """
+    db = cfg.data.database
+    old_embeddings = state.as_of(spark, db, tables.ITEM_EMBEDDINGS, previous.versions["item_embeddings"])
+    old_articles = state.as_of(spark, db, tables.ARTICLES, previous.versions["articles"])
+    if old_embeddings is None or old_articles is None or not model_ids:
+        return None
+    current = F.lit(False)
+    for modality, mid in model_ids.items():
+        current = current | ((F.col("modality") == modality) & (F.col("model_id") == mid))
+
+    def hashes(embeddings: DataFrame, articles: DataFrame) -> DataFrame:
+        return (embeddings.where(current).join(articles.select("article_id"), "article_id", "left_semi")
+                .select("modality", "article_id", F.coalesce("content_hash", F.lit("")).alias("content_hash")))
+
+    old = hashes(old_embeddings, old_articles)
+    now = hashes(tables.read(spark, db, tables.ITEM_EMBEDDINGS), tables.read(spark, db, tables.ARTICLES))
+    changed = now.join(old, ["modality", "article_id", "content_hash"], "left_anti").select(
+        "modality", "article_id").persist()
+    removed = old.select("modality", "article_id").join(now, ["modality", "article_id"], "left_anti")
+    counts = (changed.withColumn("kind", F.lit("changed")).unionByName(removed.withColumn("kind", F.lit("removed")))
+              .groupBy("modality", "kind").count().collect())
+    listed = tables.read(spark, db, tables.ITEM_NEIGHBOURS).select("modality").distinct().collect()
+    return Changes(changed,
+                   {r["modality"]: int(r["count"]) for r in counts if r["kind"] == "changed"},
+                   {r["modality"]: int(r["count"]) for r in counts if r["kind"] == "removed"},
+                   frozenset(r["modality"] for r in listed))
 
 
 @dataclass(frozen=True)
@@ -115,16 +183,15 @@ class Plan:
 
 
 def plan(
-    spark: SparkSession, cfg: Config, modality: str, model_id: str, vectors: DataFrame, n: int,
-    previous: state.Consumed | None, segments: Segments,
+    spark: SparkSession, cfg: Config, modality: str, model_id: str, n: int, previous: state.Consumed | None,
+    segments: Segments, changes: Changes | None,
 ) -> Plan:
     """Decide how to bring ``modality``'s lists up to date (see :class:`Plan` and ``knn.refit_*``).
 
-    The vectors that changed are the difference between ``item_embeddings`` and ``articles`` at
-    the versions the last run consumed and now: new or changed vectors (article_id and
-    ``content_hash`` compared: a vector is a function of its model and content hash) and removed
-    articles. With ``knn.recompute`` a usable saved index is kept but every
-    list is searched again (``full`` with ``saved``): what an update must equal.
+    ``changes`` (:func:`changes_since`, None when the versions the last run read are gone) gives
+    the new or changed vectors and the removed articles. With ``knn.recompute`` a usable saved
+    index is kept but every list is searched again (``full`` with ``saved``): what an update
+    must equal.
     """
     db = cfg.data.database
     if cfg.knn.backend != "lsh":
@@ -144,33 +211,15 @@ def plan(
         return Plan("full", f"the index is {age.days} days old (knn.refit_days {cfg.knn.refit_days})")
     if cfg.knn.recompute:
         return Plan("full", "knn.recompute: every list searched again with the saved index", saved)
-    assert previous is not None
-    old_embeddings = state.as_of(spark, db, tables.ITEM_EMBEDDINGS, previous.versions["item_embeddings"])
-    old_articles = state.as_of(spark, db, tables.ARTICLES, previous.versions["articles"])
-    if old_embeddings is None or old_articles is None:
+    if changes is None:
         return Plan("full", "the versions the last run read are no longer readable")
-    # a vector is a function of its model and content_hash (every writer of item_embeddings
-    # keeps that true), so the hashes tell what changed without reading a vector
-    def hashes(embeddings: DataFrame, articles: DataFrame) -> DataFrame:
-        return (embeddings.where((F.col("modality") == modality) & (F.col("model_id") == model_id))
-                .join(articles.select("article_id"), "article_id", "left_semi")
-                .select("article_id", F.coalesce("content_hash", F.lit("")).alias("content_hash")))
-
-    old = hashes(old_embeddings, old_articles)
-    now = hashes(tables.read(spark, db, tables.ITEM_EMBEDDINGS), tables.read(spark, db, tables.ARTICLES))
-    changed = now.join(old, ["article_id", "content_hash"], "left_anti").select("article_id").persist()
-    n_changed = changed.count()
-    n_removed = old.select("article_id").join(now, "article_id", "left_anti").count()
-    lists = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
-    if lists.limit(1).count() == 0:
-        changed.unpersist()
+    if modality not in changes.listed:
         return Plan("full", "no previous lists")
+    n_changed, n_removed = changes.n_changed.get(modality, 0), changes.n_removed.get(modality, 0)
     if n_changed == 0 and n_removed == 0:
-        changed.unpersist()
         return Plan("unchanged", "no vector changed since the last run")
     share = (n_changed + n_removed) / max(1, n)
     if share > cfg.knn.refit_share:
-        changed.unpersist()
         return Plan("full", f"{share:.1%} of the vectors changed (knn.refit_share {cfg.knn.refit_share:.0%})",
                     n_changed=n_changed, n_removed=n_removed)
     nan = F.lit(float("nan")).cast("float")
@@ -178,58 +227,136 @@ def plan(
         [F.array(*[F.coalesce(F.col("modality_scores")[m], nan) for m, _, _ in segments]).alias("segment_scores")]
         if segments else []
     )
+    lists = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
     previous_lists = lists.select("article_id", "rank", "neighbour_id", "score", *segment_scores)
+    changed = changes.changed.where(F.col("modality") == modality).select("article_id")
     return Plan("update", f"{n_changed} new or changed and {n_removed} removed vectors", saved, changed,
                 previous_lists, n_changed, n_removed)
 
 
+@dataclass(frozen=True)
+class Written:
+    """One modality's new rows for ``item_neighbours`` (:func:`_write`).
+
+    Attributes:
+        modality: the modality.
+        rows: the table's columns; the whole slice (``deleted`` None) or the rewritten lists.
+        deleted: an update's superseded rows (``article_id, modality, rank``), None for a full slice.
+        measured: ``article_id`` of the lists to measure (None: all of the modality's).
+    """
+
+    modality: str
+    rows: DataFrame
+    deleted: DataFrame | None
+    measured: DataFrame | None
+
+
+def _write(spark: SparkSession, db: str, written: list[Written]) -> None:
+    """Every modality's rows in one MERGE: a full slice replaces its modality (rows not in it are
+    deleted), an update writes its lists and deletes the rows they supersede."""
+    rows = functools.reduce(DataFrame.unionByName, [w.rows for w in written])
+    deletes = [w.deleted for w in written if w.deleted is not None]
+    deleted = functools.reduce(DataFrame.unionByName, deletes) if deletes else None
+    full = [w.modality for w in written if w.deleted is None]
+    slices = f"t.modality IN ({', '.join(tables.sql_string(m) for m in full)})" if full else None
+    tables.merge(spark, db, tables.ITEM_NEIGHBOURS, rows, only_changed=True, delete_missing=slices, deleted=deleted)
+
+
+def measure(spark: SparkSession, cfg: Config, written: list[Written], common: DataFrame,
+            column: str = "category_l3") -> dict[str, dict[str, Any]]:
+    """Rows, articles and category precision@K of the written modalities, in one pass over
+    ``item_neighbours``.
+
+    Category precision is the share of (article, neighbour) pairs whose ``column`` (default:
+    product type) is equal, over the measured lists (``Written.measured``: all of a full slice,
+    the rewritten lists of an update), and over those of them whose article is in ``common``.
+
+    Returns:
+        Per modality: ``articles``, ``rows``, ``measured_on``, ``category_precision_at_k``,
+        ``category_precision_common_at_k`` (NaN without a pair whose categories are known).
+    """
+    db = cfg.data.database
+    modalities = [w.modality for w in written]
+    whole = [w.modality for w in written if w.measured is None]
+    parts = [w.measured.select(F.lit(w.modality).alias("modality"), "article_id")
+             for w in written if w.measured is not None]
+    lists = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality").isin(modalities))
+    measured = F.col("modality").isin(whole) if whole else F.lit(False)
+    if parts:
+        scope = functools.reduce(DataFrame.unionByName, parts).distinct().withColumn("_scope", F.lit(True))
+        lists = lists.join(scope, ["modality", "article_id"], "left")
+        measured = measured | F.col("_scope").isNotNull()
+    cats = tables.read(spark, db, tables.ARTICLES).select("article_id", F.col(column).alias("_cat"))
+    pairs = (lists.join(common.withColumn("_common", F.lit(True)), "article_id", "left")
+             .join(cats, "article_id", "left")
+             .join(cats.select(F.col("article_id").alias("neighbour_id"), F.col("_cat").alias("_n_cat")),
+                   "neighbour_id", "left")
+             .withColumn("_same", F.when(measured, (F.col("_cat") == F.col("_n_cat")).cast("double"))))
+    rows = pairs.groupBy("modality").agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.countDistinct("article_id").alias("articles"),
+        F.avg("_same").alias("precision"),
+        F.avg(F.when(F.col("_common").isNotNull(), F.col("_same"))).alias("precision_common"),
+    ).collect()
+    got = {r["modality"]: r for r in rows}
+
+    def rounded(value: Any) -> float:
+        return round(float(value), 4) if value is not None else float("nan")
+
+    return {m: {"articles": int(got[m]["articles"]) if m in got else 0,
+                "rows": int(got[m]["rows"]) if m in got else 0,
+                "measured_on": "all lists" if m in whole else "rewritten lists",
+                "category_precision_at_k": rounded(got[m]["precision"] if m in got else None),
+                "category_precision_common_at_k": rounded(got[m]["precision_common"] if m in got else None)}
+            for m in modalities}
+
+
 def _neighbours_of(
     spark: SparkSession, cfg: Config, run_id: str, modality: str, vectors: DataFrame, common: DataFrame,
-    model_ids: dict[str, str], previous: state.Consumed | None,
-) -> dict[str, Any]:
-    """One modality of :func:`run`: its lists into ``item_neighbours`` and its figures."""
+    model_ids: dict[str, str], previous: state.Consumed | None, changes: Changes | None,
+) -> tuple[dict[str, Any], Written | None]:
+    """One modality of :func:`run`: its new lists (not yet written) and its figures."""
     db = cfg.data.database
     params = LSHParams(**cfg.knn.lsh.model_dump())
     started = time.perf_counter()
     segments = load_layout(spark, db, model_ids["fused"]).segments if modality == "fused" else ()
     n_vectors = vectors.count()
-    how = plan(spark, cfg, modality, model_ids[modality], vectors, n_vectors, previous, segments)
+    how = plan(spark, cfg, modality, model_ids[modality], n_vectors, previous, segments, changes)
     logger.info("neighbours %s: %s (%s)", modality, how.mode, how.reason)
     knn = cfg.knn
+    entry: dict[str, Any] = {"vectors": n_vectors, "mode": how.mode, "reason": how.reason,
+                             "changed": how.n_changed, "removed": how.n_removed}
+    if how.mode == "unchanged":
+        entry["seconds"] = round(time.perf_counter() - started, 2)
+        return entry, None
     deleted: DataFrame | None = None  # update: the superseded rows, deleted in the MERGE
-    measured = "all lists"
-    try:
-        if how.mode == "unchanged":
-            return {"vectors": n_vectors, "mode": how.mode, "reason": how.reason, "changed": 0, "removed": 0,
-                    "seconds": round(time.perf_counter() - started, 2)}
-        if how.mode == "update":
-            assert how.saved is not None and how.changed is not None and how.previous is not None
-            update = update_top_k(vectors, how.previous, how.changed, knn.k, how.saved.index, segments,
-                                  knn.block_size, knn.exact_block_rows)
-            result, index_id = update.lists, how.saved.index_id
-            if not update.full:
-                deleted = how.previous.join(update.replaced, "article_id", "left_semi").select(
-                    "article_id", F.lit(modality).alias("modality"), "rank")
-                measured = "rewritten lists"
-            how = dataclasses.replace(how, reason=f"{how.reason}; {update.affected} lists searched again, "
-                                      f"{update.touched} entered by a changed vector"
-                                      + ("; full search (cheaper)" if update.full else ""))
-        elif knn.backend == "lsh" and how.saved is not None:  # knn.recompute
-            index_id = how.saved.index_id
-            result = top_k(vectors, knn.k, "lsh", segments=segments, block_size=knn.block_size,
-                           block_rows=knn.exact_block_rows, index=how.saved.index)
-        elif knn.backend == "lsh":
-            index = fit_index(vectors, params)
-            index_id = save_index(spark, db, modality, index, model_ids[modality], n_vectors, run_id)
-            result = top_k(vectors, knn.k, "lsh", segments=segments, block_size=knn.block_size,
-                           block_rows=knn.exact_block_rows, index=index)
-        else:
-            index_id = ""
-            result = top_k(vectors, knn.k, knn.backend, params, segments, knn.block_size, knn.exact_block_rows,
-                           MLlibParams(**knn.mllib.model_dump()))
-    finally:
-        if how.changed is not None:
-            how.changed.unpersist()
+    measured: DataFrame | None = None
+    if how.mode == "update":
+        assert how.saved is not None and how.changed is not None and how.previous is not None
+        update = update_top_k(vectors, how.previous, how.changed, knn.k, how.saved.index, segments,
+                              knn.block_size, knn.exact_block_rows)
+        result, index_id = update.lists, how.saved.index_id
+        if not update.full:
+            # every key a superseded list can hold (ranks 1..k); keys without a row delete nothing
+            deleted = update.replaced.select("article_id", F.lit(modality).alias("modality"),
+                                             F.explode(F.sequence(F.lit(1), F.lit(knn.k))).alias("rank"))
+            measured = result.select("article_id")
+        entry["reason"] = (f"{how.reason}; {update.affected} lists searched again, {update.touched} entered by a "
+                           "changed vector" + ("; full search (cheaper)" if update.full else ""))
+    elif knn.backend == "lsh" and how.saved is not None:  # knn.recompute
+        index_id = how.saved.index_id
+        result = top_k(vectors, knn.k, "lsh", segments=segments, block_size=knn.block_size,
+                       block_rows=knn.exact_block_rows, index=how.saved.index)
+    elif knn.backend == "lsh":
+        index = fit_index(vectors, params)
+        index_id = save_index(spark, db, modality, index, model_ids[modality], n_vectors, run_id)
+        result = top_k(vectors, knn.k, "lsh", segments=segments, block_size=knn.block_size,
+                       block_rows=knn.exact_block_rows, index=index)
+    else:
+        index_id = ""
+        result = top_k(vectors, knn.k, knn.backend, params, segments, knn.block_size, knn.exact_block_rows,
+                       MLlibParams(**knn.mllib.model_dump()))
+    entry["index_id"] = index_id
     names = F.array(*[F.lit(s[0]) for s in segments]) if segments else None
     scores = (
         F.map_filter(F.map_from_arrays(names, F.col("segment_scores")), lambda _k, v: ~F.isnan(v))  # type: ignore[arg-type]
@@ -245,49 +372,16 @@ def _neighbours_of(
         scores.alias("modality_scores"),
         F.lit(run_id).alias("run_id"),
     )
-    # one commit; only the rows that differ are written. An update brings the rewritten lists
-    # and the keys of the rows they supersede; a full search the whole slice.
-    if deleted is not None:
-        tables.merge(spark, db, tables.ITEM_NEIGHBOURS, rows, only_changed=True, deleted=deleted)
-    else:
-        tables.merge(spark, db, tables.ITEM_NEIGHBOURS, rows, only_changed=True,
-                     delete_missing=f"t.modality = '{modality}'")
-    seconds = time.perf_counter() - started
-    written = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
-    counts = tables.first_row(written.agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles")))
-    # an update measures the lists it rewrote (the others were measured when written)
-    checked = written.join(result.select("article_id").distinct(), "article_id", "left_semi") if deleted is not None \
-        else written
-    entry: dict[str, Any] = {
-        "vectors": n_vectors,
-        "mode": how.mode,
-        "reason": how.reason,
-        "changed": how.n_changed,
-        "removed": how.n_removed,
-        "index_id": index_id,
-        "articles": int(counts["articles"]),
-        "rows": int(counts["rows"]),
-        "seconds": round(seconds, 2),
-        "measured_on": measured,
-        "category_precision_at_k": round(category_precision(spark, cfg, checked), 4),
-        "category_precision_common_at_k": round(
-            category_precision(spark, cfg, checked.join(common, "article_id", "left_semi")), 4
-        ),
-    }
     if how.mode == "full":  # the probe fits a classifier: a property of the vectors, measured when refitted
         entry.update(linear_probe(spark, cfg, vectors.join(common, "article_id", "left_semi")))
     # recall measures the index: with a full search (an update equals a full search with the same index)
     if cfg.knn.recall_sample and cfg.knn.backend != "exact" and deleted is None:
         t0 = time.perf_counter()
-        r = recall_at_k(vectors, written, cfg.knn.k, cfg.knn.recall_sample)
+        r = recall_at_k(vectors, result, cfg.knn.k, cfg.knn.recall_sample)
         entry["recall_at_k"] = round(r["recall"], 4)
         entry["recall_queries"] = int(r["queries"])
         entry["recall_seconds"] = round(time.perf_counter() - t0, 2)
-    logger.info(
-        "neighbours %s: %d articles, %d rows, %.1f s, recall@%d %s, category precision@%d %.3f "
-        "(common articles %.3f), probe macro-F1 %s",
-        modality, entry["articles"], entry["rows"], seconds, cfg.knn.k, entry.get("recall_at_k", "n/a"),
-        cfg.knn.k, entry["category_precision_at_k"], entry["category_precision_common_at_k"],
-        entry.get("probe_macro_f1", "n/a"),
-    )
-    return entry
+    entry["seconds"] = round(time.perf_counter() - started, 2)
+    logger.info("neighbours %s: %s in %.1f s, recall@%d %s, probe macro-F1 %s", modality, how.mode, entry["seconds"],
+                cfg.knn.k, entry.get("recall_at_k", "n/a"), entry.get("probe_macro_f1", "n/a"))
+    return entry, Written(modality, rows, deleted, measured)

@@ -101,7 +101,9 @@ def test_incremental_day_equals_a_full_recompute_with_the_saved_index(spark, war
     # more than refit_share changed: the plan is a refit, every list recomputed
     day3 = {a: -vec for a, vec in day2.items()}
     publish(spark, day3, catalogue)
-    vectors = spark.createDataFrame([(a, day3[a].tolist()) for a in catalogue], "article_id string, vector array<float>")
     last = state.consumed(spark, DB, "neighbours")
-    how = neighbours.plan(spark, cfg, "metadata", "onehot@m1", vectors, len(catalogue), last, ())  # type: ignore[arg-type]
+    changes = neighbours.changes_since(spark, cfg, {"metadata": "onehot@m1"}, last)  # type: ignore[arg-type]
+    assert changes is not None and changes.n_changed == {"metadata": len(catalogue)} and not changes.n_removed
+    how = neighbours.plan(spark, cfg, "metadata", "onehot@m1", len(catalogue), last, (), changes)  # type: ignore[arg-type]
+    changes.changed.unpersist()
     assert how.mode == "full" and "knn.refit_share" in how.reason and how.n_changed == len(catalogue)
