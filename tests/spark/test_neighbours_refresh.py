@@ -60,6 +60,13 @@ def test_incremental_day_equals_a_full_recompute_with_the_saved_index(spark, war
                       "knn.lsh.target_bucket_size=25", "knn.lsh.probes=4")
     first = neighbours.run(spark, cfg, "day-1")  # type: ignore[arg-type]
     assert first["metadata"]["mode"] == "full"
+    # the one measuring pass after the write: counts and category precision of every list
+    written = lists(spark)
+    same = [int(a[1:]) % 4 == int(n[1:]) % 4 for a, rows in written.items() for n, _ in rows]
+    assert (first["metadata"]["rows"], first["metadata"]["articles"]) == (len(same), 600) == (3000, 600)
+    assert first["metadata"]["measured_on"] == "all lists"
+    assert first["metadata"]["category_precision_at_k"] == round(sum(same) / len(same), 4)
+    assert first["metadata"]["category_precision_common_at_k"] == first["metadata"]["category_precision_at_k"]
     saved = load_index(spark, DB, "metadata")
     assert saved is not None and saved.model_id == "onehot@m1" and saved.index_id == first["metadata"]["index_id"]
     assert state.consumed(spark, DB, "neighbours").versions == {
@@ -83,6 +90,9 @@ def test_incremental_day_equals_a_full_recompute_with_the_saved_index(spark, war
     update = neighbours.run(spark, cfg, "day-2")  # type: ignore[arg-type]
     assert (update["metadata"]["mode"], update["metadata"]["changed"], update["metadata"]["removed"]) == ("update", 32, 8)
     assert update["metadata"]["index_id"] == saved.index_id  # the index was reused, not refitted
+    assert (update["metadata"]["rows"], update["metadata"]["articles"]) == (5 * len(catalogue), len(catalogue))
+    assert update["metadata"]["measured_on"] == "rewritten lists"
+    assert 0 <= update["metadata"]["category_precision_at_k"] <= 1
 
     current = spark.createDataFrame([(a, day2[a].tolist()) for a in catalogue], "article_id string, vector array<float>")
     full = top_k(current, 5, index=saved.index).collect()
