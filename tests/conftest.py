@@ -81,24 +81,27 @@ def cache_is_empty(session: object) -> bool:
     return bool(session._jsparkSession.sharedState().cacheManager().isEmpty())  # type: ignore[attr-defined]
 
 
+def test_overrides(warehouse: Path, database: str, *overrides: str) -> list[str]:
+    """The ``--set`` values of :func:`test_config`: its warehouse, its database, test sizes."""
+    return [
+        "spark.master=local[2]",
+        "spark.shuffle_partitions=2",
+        f"spark.warehouse_dir={warehouse}",
+        f"data.database={database}",
+        "knn.recall_sample=100",
+        *overrides,
+    ]
+
+
 def test_config(warehouse: Path, database: str, *overrides: str) -> object:
     """A config for the test session: its warehouse, its own database, test-size settings."""
     from recsys.config import load_config
 
-    return load_config(
-        "local",
-        [
-            "spark.master=local[2]",
-            "spark.shuffle_partitions=2",
-            f"spark.warehouse_dir={warehouse}",
-            f"data.database={database}",
-            "knn.recall_sample=100",
-            *overrides,
-        ],
-    )
+    return load_config("local", test_overrides(warehouse, database, *overrides))
 
 
 test_config.__test__ = False  # type: ignore[attr-defined]
+test_overrides.__test__ = False  # type: ignore[attr-defined]
 
 
 def write_table(spark: object, database: str, spec: object, df: object) -> None:
