@@ -241,6 +241,8 @@ LSH_INDEX = TableSpec(
             _f("articles", LongType(), "vectors the index was fitted on"),
             _f("fitted_at", TS, "when it was fitted"),
             _f("run_id", S, "run that fitted it"),
+            _f("changed_since_fit", LongType(),
+               "vectors new, changed or removed by the updates since the fit, summed over runs (the drift)"),
         ]
     ),
     key=("modality",),

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -226,6 +227,7 @@ class SavedIndex:
     articles: int
     run_id: str
     fitted_at: dt.datetime
+    changed_since_fit: int = 0
 
 
 def save_index(
@@ -238,9 +240,22 @@ def save_index(
         [(modality, index_id, model_id, index.dim, params, bytearray(blob), articles, run_id)],
         "modality string, index_id string, model_id string, dim int, params string, hash_functions binary, "
         "articles long, run_id string",
-    ).withColumn("fitted_at", F.current_timestamp())
+    ).withColumn("fitted_at", F.current_timestamp()).withColumn("changed_since_fit", F.lit(0).cast("long"))
     tables.replace(spark, database, tables.LSH_INDEX, row, f"modality = {tables.sql_string(modality)}")
     return index_id
+
+
+def add_drift(spark: SparkSession, database: str, changed: dict[str, int]) -> None:
+    """Add ``changed`` (modality → vectors new, changed or removed by this run's update) to each
+    saved index's ``changed_since_fit``, in one Delta commit; modalities without an index are
+    left out."""
+    if not changed:
+        return
+    rows = spark.createDataFrame(sorted(changed.items()), "modality string, n long")
+    (DeltaTable.forName(spark, tables.qualified(database, tables.LSH_INDEX)).alias("t")
+     .merge(rows.alias("s"), "t.modality = s.modality")
+     .whenMatchedUpdate(set={"changed_since_fit": "coalesce(t.changed_since_fit, 0) + s.n"})
+     .execute())
 
 
 def load_index(spark: SparkSession, database: str, modality: str) -> SavedIndex | None:
@@ -254,4 +269,4 @@ def load_index(spark: SparkSession, database: str, modality: str) -> SavedIndex 
         return None
     row = rows[0]
     return SavedIndex(decode_index(row["params"], bytes(row["hash_functions"])), row["index_id"], row["model_id"],
-                      int(row["articles"]), row["run_id"], row["fitted_at"])
+                      int(row["articles"]), row["run_id"], row["fitted_at"], int(row.asDict().get("changed_since_fit") or 0))

@@ -17,7 +17,7 @@ from recsys.config import Config
 from recsys.evaluation.probe import linear_probe
 from recsys.fusion import current_model_ids, current_vectors, load_layout
 from recsys.knn import LSHParams, MLlibParams, Segments, fit_index, recall_at_k, top_k, update_top_k
-from recsys.knn.index import SavedIndex, load_index, save_index
+from recsys.knn.index import SavedIndex, add_drift, load_index, save_index
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     versions of ``item_embeddings`` and ``articles`` it read are recorded (``stage_state``). The
     next run compares the vectors with those versions, every modality in one pass
     (:func:`changes_since`): none of a modality's vectors changed, nothing of it is searched or
-    written; a few changed (at most ``knn.refit_share``), only the lists they alter are rewritten
+    written; a few changed (at most ``knn.refit_share`` of the vectors since the index was fitted,
+    summed over the runs in ``lsh_index.changed_since_fit``), only the lists they alter are rewritten
     with the saved index (:func:`recsys.knn.update_top_k`, equal to a full recompute with that
     index; the MERGE writes those lists and deletes the rows they supersede); otherwise, or when
     the model, the settings or the index's age (``knn.refit_days``) call for it, the index is
@@ -95,6 +96,8 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         if written:
             started = time.perf_counter()
             _write(spark, db, written)
+            add_drift(spark, db, {w.modality: report[w.modality]["changed"] + report[w.modality]["removed"]
+                                  for w in written if report[w.modality]["mode"] == "update"})
             report["write_seconds"] = round(time.perf_counter() - started, 2)
             started = time.perf_counter()
             for modality, figures in measure(spark, cfg, written, common).items():
@@ -218,10 +221,11 @@ def plan(
     n_changed, n_removed = changes.n_changed.get(modality, 0), changes.n_removed.get(modality, 0)
     if n_changed == 0 and n_removed == 0:
         return Plan("unchanged", "no vector changed since the last run")
-    share = (n_changed + n_removed) / max(1, n)
+    # drift: the vectors changed since the fit, this run's included, against those it was fitted on
+    share = (saved.changed_since_fit + n_changed + n_removed) / max(1, saved.articles)
     if share > cfg.knn.refit_share:
-        return Plan("full", f"{share:.1%} of the vectors changed (knn.refit_share {cfg.knn.refit_share:.0%})",
-                    n_changed=n_changed, n_removed=n_removed)
+        return Plan("full", f"{share:.1%} of the vectors changed since the index was fitted "
+                    f"(knn.refit_share {cfg.knn.refit_share:.0%})", n_changed=n_changed, n_removed=n_removed)
     nan = F.lit(float("nan")).cast("float")
     segment_scores = (
         [F.array(*[F.coalesce(F.col("modality_scores")[m], nan) for m, _, _ in segments]).alias("segment_scores")]

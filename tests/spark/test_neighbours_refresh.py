@@ -107,6 +107,23 @@ def test_incremental_day_equals_a_full_recompute_with_the_saved_index(spark, war
     # the day's changes reached lists of unchanged articles
     gained = sum(any(int(n[1:]) >= 600 for n, _ in got[a]) for a in catalogue if int(a[1:]) < 100)
     assert gained > 0
+    # the drift since the fit: the day's new, changed and removed vectors
+    assert load_index(spark, DB, "metadata").changed_since_fit == 40  # type: ignore[union-attr]
+
+    # 10 more vectors change: 1.7% of this run's vectors, but with the 40 of day 2, 8.3% of the 600
+    # the index was fitted on, more than a refit_share of 8%: the drift calls for a refit
+    day2b = dict(day2)
+    for i in range(200, 210):
+        day2b[ids[i]] = -day2[ids[i]]
+    publish(spark, day2b, catalogue)
+    last = state.consumed(spark, DB, "neighbours")
+    changes = neighbours.changes_since(spark, cfg, {"metadata": "onehot@m1"}, last)  # type: ignore[arg-type]
+    assert changes is not None and changes.n_changed == {"metadata": 10}
+    strict = cfg.model_copy(update={"knn": cfg.knn.model_copy(update={"refit_share": 0.08})})  # type: ignore[attr-defined]
+    how = neighbours.plan(spark, strict, "metadata", "onehot@m1", len(catalogue), last, (), changes)
+    assert how.mode == "full" and how.reason.startswith("8.3% of the vectors changed since the index was fitted")
+    assert neighbours.plan(spark, cfg, "metadata", "onehot@m1", len(catalogue), last, (), changes).mode == "update"
+    changes.changed.unpersist()
 
     # more than refit_share changed: the plan is a refit, every list recomputed
     day3 = {a: -vec for a, vec in day2.items()}
