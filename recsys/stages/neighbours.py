@@ -76,10 +76,11 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         .persist()
     )
     wanted = {m: model_ids[m] for m in cfg.knn.modalities if m in model_ids}
-    changes = (changes_since(spark, cfg, wanted, previous)
-               if previous is not None and cfg.knn.backend == "lsh" and not cfg.knn.recompute else None)
+    changes: Changes | None = None
     written: list[Written] = []
     try:
+        if previous is not None and cfg.knn.backend == "lsh" and not cfg.knn.recompute:
+            changes = changes_since(spark, cfg, wanted, previous)
         report["common_articles"] = common.count()
         for modality in cfg.knn.modalities:
             if modality not in model_ids:
@@ -161,9 +162,13 @@ def changes_since(spark: SparkSession, cfg: Config, model_ids: dict[str, str],
     changed = now.join(old, ["modality", "article_id", "content_hash"], "left_anti").select(
         "modality", "article_id").persist()
     removed = old.select("modality", "article_id").join(now, ["modality", "article_id"], "left_anti")
-    counts = (changed.withColumn("kind", F.lit("changed")).unionByName(removed.withColumn("kind", F.lit("removed")))
-              .groupBy("modality", "kind").count().collect())
-    listed = tables.read(spark, db, tables.ITEM_NEIGHBOURS).select("modality").distinct().collect()
+    try:
+        counts = (changed.withColumn("kind", F.lit("changed")).unionByName(removed.withColumn("kind", F.lit("removed")))
+                  .groupBy("modality", "kind").count().collect())
+        listed = tables.read(spark, db, tables.ITEM_NEIGHBOURS).select("modality").distinct().collect()
+    except BaseException:
+        changed.unpersist()  # nothing of a failed detection stays in the session's cache
+        raise
     return Changes(changed,
                    {r["modality"]: int(r["count"]) for r in counts if r["kind"] == "changed"},
                    {r["modality"]: int(r["count"]) for r in counts if r["kind"] == "removed"},
