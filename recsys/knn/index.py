@@ -269,4 +269,4 @@ def load_index(spark: SparkSession, database: str, modality: str) -> SavedIndex 
         return None
     row = rows[0]
     return SavedIndex(decode_index(row["params"], bytes(row["hash_functions"])), row["index_id"], row["model_id"],
-                      int(row["articles"]), row["run_id"], row["fitted_at"], int(row.asDict().get("changed_since_fit") or 0))
+                      int(row["articles"]), row["run_id"], row["fitted_at"], int(row["changed_since_fit"] or 0))  # null: an index saved before the column
