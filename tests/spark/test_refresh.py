@@ -125,6 +125,9 @@ def test_an_incremental_day_killed_and_rerun_equals_a_full_recompute_and_readers
     assert text_merge["operation"] == "MERGE", killed_at
     assert int(text_merge["operationMetrics"]["numTargetRowsInserted"]) == len(days.held_back)
     assert int(text_merge["operationMetrics"]["numTargetRowsUpdated"]) == len(days.changed)
+    # deletion vectors: the changed rows are marked deleted, the rest of their files is not copied
+    assert int(text_merge["operationMetrics"]["numTargetRowsCopied"]) == 0, text_merge["operationMetrics"]
+    assert int(text_merge["operationMetrics"]["numTargetDeletionVectorsAdded"]) > 0
     assert tables.read(spark, "refresh_a", tables.RUNS).where(F.col("run_id") == day_n1).count() == 0
     assert state.consumed(spark, "refresh_a", "neighbours").run_id == day_n
 
