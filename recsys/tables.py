@@ -255,6 +255,7 @@ LSH_INDEX = TableSpec(
             _f("run_id", S, "run that fitted it"),
             _f("changed_since_fit", LongType(),
                "vectors new, changed or removed by the updates since the fit, summed over runs (the drift)"),
+            _f("largest_bucket", LongType(), "members of the largest home bucket among the vectors it was fitted on"),
         ]
     ),
     key=("modality",),

@@ -10,7 +10,7 @@ import io
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -158,9 +158,31 @@ def fit_index(vectors: DataFrame, params: LSHParams = LSHParams()) -> LSHIndex:
         if n == 0:
             raise ValueError("knn: cannot fit an LSH index on no vectors")
         resolved = params.resolved(n)
-        return LSHIndex(resolved, dim, fit_hash(indexed, n, dim, resolved))
+        index = LSHIndex(resolved, dim, fit_hash(indexed, n, dim, resolved))
+        return replace(index, largest_bucket=largest_bucket(indexed, dim, index))
     finally:
         indexed.unpersist()
+
+
+def largest_bucket(indexed: DataFrame, dim: int, index: LSHIndex) -> int:
+    """Members of the largest home bucket over all bands (one pass over prepared vectors,
+    ``idx, vec``; 0 when there are none)."""
+
+    def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        task_threads()
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            keys, sizes = np.unique(cell_keys(probed_cells(vectors_of(batch.column("vec"), dim), index, 1)[:, :, 0]),
+                                    return_counts=True)
+            yield pa.RecordBatch.from_arrays([pa.array(keys, pa.int64()), pa.array(sizes, pa.int64())],
+                                             names=["cell", "members"])
+
+    # one partition per core: the pass costs little per row, a Python task's fixed cost dominates
+    rows = indexed.select("vec").coalesce(max(1, indexed.sparkSession.sparkContext.defaultParallelism))
+    sizes = rows.mapInArrow(count, "cell long, members long")  # type: ignore[arg-type]
+    row = sizes.groupBy("cell").agg(F.sum("members").alias("m")).agg(F.max("m")).first()
+    return int(row[0] or 0) if row is not None else 0
 
 
 def index_arrays(index: LSHIndex) -> dict[str, np.ndarray]:
@@ -229,6 +251,14 @@ class SavedIndex:
     fitted_at: dt.datetime
     changed_since_fit: int = 0
 
+    def bucket_bound(self, n_changed: int) -> int | None:
+        """An upper bound on the largest home bucket after ``n_changed`` more new or changed
+        vectors: the largest at the fit plus every vector changed since (each joins one bucket
+        per band; removed ones only shrink theirs). None when the fit's largest is not known."""
+        if self.index.largest_bucket is None:
+            return None
+        return self.index.largest_bucket + self.changed_since_fit + n_changed
+
 
 def save_index(
     spark: SparkSession, database: str, modality: str, index: LSHIndex, model_id: str, articles: int, run_id: str
@@ -237,9 +267,9 @@ def save_index(
     Delta commit); returns its ``index_id``."""
     index_id, params, blob = encode_index(index)
     row = spark.createDataFrame(
-        [(modality, index_id, model_id, index.dim, params, bytearray(blob), articles, run_id)],
+        [(modality, index_id, model_id, index.dim, params, bytearray(blob), articles, run_id, index.largest_bucket)],
         "modality string, index_id string, model_id string, dim int, params string, hash_functions binary, "
-        "articles long, run_id string",
+        "articles long, run_id string, largest_bucket long",
     ).withColumn("fitted_at", F.current_timestamp()).withColumn("changed_since_fit", F.lit(0).cast("long"))
     tables.replace(spark, database, tables.LSH_INDEX, row, f"modality = {tables.sql_string(modality)}")
     return index_id
@@ -268,5 +298,7 @@ def load_index(spark: SparkSession, database: str, modality: str) -> SavedIndex 
     if not rows:
         return None
     row = rows[0]
-    return SavedIndex(decode_index(row["params"], bytes(row["hash_functions"])), row["index_id"], row["model_id"],
-                      int(row["articles"]), row["run_id"], row["fitted_at"], int(row["changed_since_fit"] or 0))  # null: an index saved before the column
+    # nulls: an index saved before the column (ensure_tables adds it)
+    index = replace(decode_index(row["params"], bytes(row["hash_functions"])), largest_bucket=row["largest_bucket"])
+    return SavedIndex(index, row["index_id"], row["model_id"], int(row["articles"]), row["run_id"], row["fitted_at"],
+                      int(row["changed_since_fit"] or 0))

@@ -58,8 +58,14 @@ class LSHParams:
 class LSHIndex:
     """Fitted LSH hash functions (:func:`fit_index`): k-means centroids or hyperplanes, and the
     grouping of buckets. Reusing one index keeps neighbour lists comparable between runs and
-    makes :func:`update_top_k` equal to a full recompute."""
+    makes :func:`update_top_k` equal to a full recompute.
+
+    ``largest_bucket``: members of the largest home bucket (over all bands) among the vectors
+    the index was fitted on, None when not known (an index saved before it was recorded). It
+    bounds the largest bucket after later changes (each new or changed vector joins one bucket
+    per band), so :func:`update_top_k` can skip measuring the buckets."""
 
     params: LSHParams
     dim: int
     fitted: dict[str, Any]
+    largest_bucket: int | None = None

@@ -52,27 +52,23 @@ def prepare(vectors: DataFrame) -> tuple[DataFrame, int, int]:
     # pairs already computed. The rank over the distinct ids is; only the ids pass through the
     # one window partition.
     ids = vectors.select("article_id").where(F.col("article_id").isNotNull()).distinct()
-    ranks = ids.withColumn("idx", F.row_number().over(Window.orderBy("article_id")).cast("long") - 1)
-    keyed = vectors.select("article_id", "vector").join(ranks, "article_id", "left")
-    keyed = keyed.withColumn("idx", F.coalesce("idx", F.lit(-1).cast("long")))
-    prepared = keyed.select("article_id", "idx", "vector").mapInArrow(prepare_batches, PREPARED_SCHEMA)  # type: ignore[arg-type]
-    # a private marker keeps this cache entry apart from other callers' identical plans, so
-    # their unpersist cannot drop it
-    prepared = prepared.withColumn("_cache", F.lit(uuid.uuid4().hex)).drop("_cache").persist()
-    flag = F.col("flag")
-
-    def first_with(code: int) -> Any:
-        return F.min(F.when(flag == code, F.col("article_id")))
-
-    stats = first_row(prepared.agg(
-        F.count(F.lit(1)).alias("n"),
-        F.count(F.when(F.col("idx") < 0, 1)).alias("no_id"),
-        (F.max("idx") + 1).alias("ids"),  # idx ranks the distinct ids: no second shuffle for countDistinct
-        F.min(F.when(flag != VECTOR_NULL, F.col("dim"))).alias("lo"),
-        F.max(F.when(flag != VECTOR_NULL, F.col("dim"))).alias("hi"),
-        *[F.count(F.when(flag == code, 1)).alias(f"n{code}") for code in (VECTOR_NULL, VECTOR_NONFINITE, VECTOR_ZERO)],
-        *[first_with(code).alias(f"id{code}") for code in (VECTOR_NULL, VECTOR_NONFINITE, VECTOR_ZERO)],
-    ))
+    # the ranks computed once and cached: Spark then knows their true size (a few MB per 100k
+    # ids) and broadcasts them into the join below, instead of shuffling every vector to them
+    # (a plan estimate counts them as large as the vectors); above the broadcast threshold the
+    # join shuffles as before
+    ranks = _cached(ids.withColumn("idx", F.row_number().over(Window.orderBy("article_id")).cast("long") - 1))
+    try:
+        ranks.count()
+        keyed = vectors.select("article_id", "vector").join(ranks, "article_id", "left")
+        keyed = keyed.withColumn("idx", F.coalesce("idx", F.lit(-1).cast("long")))
+        prepared = _cached(keyed.select("article_id", "idx", "vector").mapInArrow(prepare_batches, PREPARED_SCHEMA))  # type: ignore[arg-type]
+        try:
+            stats = _prepared_stats(prepared)
+        except BaseException:
+            prepared.unpersist()
+            raise
+    finally:
+        ranks.unpersist()
     problem = None
     if stats["n"] == 0:
         return prepared, 0, 0
@@ -94,6 +90,30 @@ def prepare(vectors: DataFrame) -> tuple[DataFrame, int, int]:
         prepared.unpersist()
         raise ValueError(f"knn: {problem}")
     return prepared, int(stats["n"]), int(stats["lo"])
+
+
+def _cached(df: DataFrame) -> DataFrame:
+    """``df`` persisted under a private marker, which keeps this cache entry apart from other
+    callers' identical plans, so their unpersist cannot drop it."""
+    return df.withColumn("_cache", F.lit(uuid.uuid4().hex)).drop("_cache").persist()
+
+
+def _prepared_stats(prepared: DataFrame) -> Any:
+    """Counts of :func:`prepare`'s problems, in one pass (a Row)."""
+    flag = F.col("flag")
+
+    def first_with(code: int) -> Any:
+        return F.min(F.when(flag == code, F.col("article_id")))
+
+    return first_row(prepared.agg(
+        F.count(F.lit(1)).alias("n"),
+        F.count(F.when(F.col("idx") < 0, 1)).alias("no_id"),
+        (F.max("idx") + 1).alias("ids"),  # idx ranks the distinct ids: no second shuffle for countDistinct
+        F.min(F.when(flag != VECTOR_NULL, F.col("dim"))).alias("lo"),
+        F.max(F.when(flag != VECTOR_NULL, F.col("dim"))).alias("hi"),
+        *[F.count(F.when(flag == code, 1)).alias(f"n{code}") for code in (VECTOR_NULL, VECTOR_NONFINITE, VECTOR_ZERO)],
+        *[first_with(code).alias(f"id{code}") for code in (VECTOR_NULL, VECTOR_NONFINITE, VECTOR_ZERO)],
+    ))
 
 
 def partitions(df: DataFrame) -> int:

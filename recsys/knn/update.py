@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 
 from recsys.knn.arrow import pair_schema, pairs_batch, task_threads, vectors_of
 from recsys.knn.exact import top_up
-from recsys.knn.index import cell_keys, probed_cells
+from recsys.knn.index import cell_keys, largest_bucket, probed_cells
 from recsys.knn.kernels import merge_top_k, score_cells, segment_cosines
 from recsys.knn.params import LSHIndex, Segments
 from recsys.knn.scoring import materialised, merge_pairs, named, prepare
@@ -43,6 +43,8 @@ class ListUpdate:
         full: True when the update fell back to a full search (then ``lists`` holds every list).
         affected, touched, removed: articles searched again, unchanged lists a changed vector
             entered, articles removed.
+        largest_bucket: members of the largest home bucket, None when ``bucket_bound`` showed
+            that no bucket can be too large (not measured).
     """
 
     lists: DataFrame
@@ -51,6 +53,7 @@ class ListUpdate:
     affected: int
     touched: int
     removed: int
+    largest_bucket: int | None = None
 
     def applied(self, previous: DataFrame) -> DataFrame:
         """The whole new table: ``previous`` without the replaced lists, plus the new ones."""
@@ -70,6 +73,7 @@ def update_top_k(
     block_size: int = 2048,
     block_rows: int = 25_000,
     max_affected_share: float = 0.3,
+    bucket_bound: int | None = None,
 ) -> ListUpdate:
     """Incremental ``lsh`` top-``k``: rewrite only the lists a change alters.
 
@@ -93,7 +97,9 @@ def update_top_k(
     Falls back to a full search with ``index`` (``full`` in the result) when more than
     ``max_affected_share`` of the articles are affected (a full search is then cheaper), or when
     a bucket holds more than ``max_bucket_size`` members (a full search cuts such buckets into
-    windows that depend on every member).
+    windows that depend on every member). Measuring the buckets is a pass over every vector;
+    it is skipped when ``bucket_bound`` (an upper bound on the largest bucket, e.g.
+    :meth:`recsys.knn.index.SavedIndex.bucket_bound`) is at most ``max_bucket_size``.
 
     Args:
         vectors: the whole current catalogue, ``(article_id, vector)``.
@@ -102,6 +108,7 @@ def update_top_k(
         k, segments, block_size, block_rows: as in :func:`top_k`.
         index: the hash functions ``previous`` was computed with.
         max_affected_share: the share of affected articles above which a full search runs.
+        bucket_bound: None, or an upper bound on the members of the largest home bucket.
 
     Returns:
         A :class:`ListUpdate`.
@@ -117,7 +124,7 @@ def update_top_k(
         if index.dim != dim and n > 0:
             raise ValueError(f"knn: the LSH index was fitted on {index.dim}-d vectors, these have {dim}")
         return _update(vectors, indexed, n, dim, previous, changed, k, index, segments, block_size, block_rows,
-                       max_affected_share, cached)
+                       max_affected_share, bucket_bound, cached)
     finally:
         for df in cached:
             df.unpersist()
@@ -125,7 +132,7 @@ def update_top_k(
 
 def _update(vectors: DataFrame, indexed: DataFrame, n: int, dim: int, previous: DataFrame, changed: DataFrame, k: int, index: LSHIndex,
             segments: Segments, block_size: int, block_rows: int, max_affected_share: float,
-            cached: list[DataFrame]) -> ListUpdate:
+            bucket_bound: int | None, cached: list[DataFrame]) -> ListUpdate:
     """:func:`update_top_k` once the vectors are prepared; what it persists goes into ``cached``."""
     names = indexed.select("idx", "article_id")
     want = min(k, n - 1)
@@ -135,17 +142,20 @@ def _update(vectors: DataFrame, indexed: DataFrame, n: int, dim: int, previous: 
     cached.append(removed)
     n_removed = removed.count()
 
+    biggest: int | None = None
+
     def full_search(reason: str, affected: int) -> ListUpdate:
         logger.info("lsh update: %s; full search with the saved index", reason)
         lists = top_k(vectors, k, index=index, segments=segments, block_size=block_size, block_rows=block_rows)
         replaced = materialised(prev.select("article_id").distinct().unionByName(names.select("article_id")).distinct())
-        return ListUpdate(lists, replaced, True, affected, 0, n_removed)
+        return ListUpdate(lists, replaced, True, affected, 0, n_removed, biggest)
 
     if n < 2:
         return full_search("fewer than two vectors", n)
-    biggest = _largest_bucket(indexed, dim, index)
-    if biggest > index.params.max_bucket_size:
-        return full_search(f"a bucket holds {biggest} members (max_bucket_size {index.params.max_bucket_size})", n)
+    if bucket_bound is None or bucket_bound > index.params.max_bucket_size:
+        biggest = largest_bucket(indexed, dim, index)
+        if biggest > index.params.max_bucket_size:
+            return full_search(f"a bucket holds {biggest} members (max_bucket_size {index.params.max_bucket_size})", n)
     delta = changed.select("article_id").distinct().join(names, "article_id").select("idx").persist()
     cached.append(delta)
     # previous rows by idx; a neighbour no longer in the catalogue has a null nidx
@@ -186,25 +196,7 @@ def _update(vectors: DataFrame, indexed: DataFrame, n: int, dim: int, previous: 
     replaced = materialised(rewritten.unionByName(removed).distinct())
     logger.info("lsh update: %d articles, %d changed, %d removed, %d searched again, %d lists entered by a changed "
                 "vector", n, delta.count(), n_removed, n_affected, n_touched)
-    return ListUpdate(lists, replaced, False, n_affected, n_touched, n_removed)
-
-
-def _largest_bucket(indexed: DataFrame, dim: int, index: LSHIndex) -> int:
-    """Members of the largest home bucket over all bands (one pass over the vectors)."""
-
-    def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        task_threads()
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            keys, sizes = np.unique(cell_keys(probed_cells(vectors_of(batch.column("vec"), dim), index, 1)[:, :, 0]),
-                                    return_counts=True)
-            yield pa.RecordBatch.from_arrays([pa.array(keys, pa.int64()), pa.array(sizes, pa.int64())],
-                                             names=["cell", "members"])
-
-    sizes = _per_core(indexed.select("vec")).mapInArrow(count, "cell long, members long")  # type: ignore[arg-type]
-    row = sizes.groupBy("cell").agg(F.sum("members").alias("m")).agg(F.max("m")).first()
-    return int(row[0] or 0) if row is not None else 0
+    return ListUpdate(lists, replaced, False, n_affected, n_touched, n_removed, biggest)
 
 
 def _collected(rows: DataFrame, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -342,8 +342,9 @@ def _neighbours_of(
     measured: DataFrame | None = None
     if how.mode == "update":
         assert how.saved is not None and how.changed is not None and how.previous is not None
+        bound = how.saved.bucket_bound(how.n_changed)
         update = update_top_k(vectors, how.previous, how.changed, knn.k, how.saved.index, segments,
-                              knn.block_size, knn.exact_block_rows)
+                              knn.block_size, knn.exact_block_rows, bucket_bound=bound)
         result, index_id = update.lists, how.saved.index_id
         if not update.full:
             # every key a superseded list can hold (ranks 1..k); keys without a row delete nothing
@@ -352,6 +353,7 @@ def _neighbours_of(
             measured = result.select("article_id")
         entry["reason"] = (f"{how.reason}; {update.affected} lists searched again, {update.touched} entered by a "
                            "changed vector" + ("; full search (cheaper)" if update.full else ""))
+        entry["largest_bucket"] = update.largest_bucket if update.largest_bucket is not None else f"at most {bound}"
     elif knn.backend == "lsh" and how.saved is not None:  # knn.recompute
         index_id = how.saved.index_id
         result = top_k(vectors, knn.k, "lsh", segments=segments, block_size=knn.block_size,

@@ -7,7 +7,7 @@ import pytest
 from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
 from recsys.knn import LSHParams, MLlibParams, exact_top_k, fit_index, recall_at_k, top_k, update_top_k
-from recsys.knn.index import encode_index, load_index, save_index
+from recsys.knn.index import encode_index, load_index, probed_cells, save_index
 from recsys.tables import ensure_tables
 from tests.conftest import cache_is_empty
 from tests.unit.test_knn_kernels import clustered
@@ -160,6 +160,11 @@ def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignor
     index = saved.index
     assert index.params == fitted.params and index.dim == fitted.dim
     assert encode_index(index)[0] == index_id and load_index(spark, "knn_index_test", "image") is None
+    # the largest home bucket at the fit, measured and stored with the index
+    def largest(vectors: np.ndarray) -> int:
+        return int(np.bincount(probed_cells(vectors, fitted, 1)[:, 0, 0]).max())
+
+    assert fitted.largest_bucket == index.largest_bucket == largest(v[:1400])
     changed = list(range(100, 140))
     v2 = v.copy()
     v2[changed] += 0.3 * rng.standard_normal((len(changed), 16)).astype(np.float32)
@@ -168,6 +173,7 @@ def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignor
     now = frame(spark, v2[keep], [ids[i] for i in keep])
     new_or_changed = spark.createDataFrame([(ids[i],) for i in [*changed, *range(1400, 1500)]], "article_id string")
     update = update_top_k(now, before, new_or_changed, 6, index, max_affected_share=1.0)
+    assert update.largest_bucket == largest(v2[keep])  # no bound given: measured
     updated = lists(update.applied(before))
     full = lists(top_k(now, 6, index=index))
     # it rewrote only some lists: the changed and new articles, those that listed a changed or
@@ -182,8 +188,11 @@ def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignor
         assert [n for _, n, _ in updated[article]] == [n for _, n, _ in rows], article
         assert np.allclose([s for _, _, s in updated[article]], [s for _, _, s in rows], atol=1e-5)
     # with the default share (30%) the 484 affected lists of 1,470 call for a full search instead
-    fallback = update_top_k(now, before, new_or_changed, 6, index)
-    assert fallback.full and fallback.affected > 0.3 * len(keep)
+    # a bound within max_bucket_size (the fit's largest plus the 140 new or changed): not measured
+    bound = saved.bucket_bound(140)
+    assert bound is not None and largest(v2[keep]) <= bound <= index.params.max_bucket_size
+    fallback = update_top_k(now, before, new_or_changed, 6, index, bucket_bound=bound)
+    assert fallback.full and fallback.affected > 0.3 * len(keep) and fallback.largest_bucket is None
     assert {a: [n for _, n, _ in r] for a, r in lists(fallback.applied(before)).items()} == {
         a: [n for _, n, _ in r] for a, r in full.items()}
     # the update did real work: unchanged articles gained new neighbours and lost removed ones
