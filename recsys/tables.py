@@ -315,7 +315,6 @@ def qualified(database: str, spec: TableSpec) -> str:
     return f"{database}.{spec.name}"
 
 
-
 def changes_since(spark: SparkSession, database: str, spec: TableSpec, version: int) -> DataFrame | None:
     """The rows changed after ``version`` (Delta's change data feed: the table's columns plus
     ``_change_type`` insert / delete / update_preimage / update_postimage), or ``None`` when

@@ -23,7 +23,7 @@ from recsys import tables
 from recsys.knn.arrow import CELL_ROW_SCHEMA, cell_batch, task_threads, vectors_of
 from recsys.knn.kernels import band_codes, hyperplanes, nearest, spherical_kmeans
 from recsys.knn.params import LSHIndex, LSHParams
-from recsys.knn.scoring import partitions, prepare
+from recsys.knn.scoring import partitions, per_core, prepare
 
 GROUP_ROWS = 50_000  # target home articles per group of cells (memory per scoring step)
 
@@ -178,9 +178,7 @@ def largest_bucket(indexed: DataFrame, dim: int, index: LSHIndex) -> int:
             yield pa.RecordBatch.from_arrays([pa.array(keys, pa.int64()), pa.array(sizes, pa.int64())],
                                              names=["cell", "members"])
 
-    # one partition per core: the pass costs little per row, a Python task's fixed cost dominates
-    rows = indexed.select("vec").coalesce(max(1, indexed.sparkSession.sparkContext.defaultParallelism))
-    sizes = rows.mapInArrow(count, "cell long, members long")  # type: ignore[arg-type]
+    sizes = per_core(indexed.select("vec")).mapInArrow(count, "cell long, members long")  # type: ignore[arg-type]
     row = sizes.groupBy("cell").agg(F.sum("members").alias("m")).agg(F.max("m")).first()
     return int(row[0] or 0) if row is not None else 0
 

@@ -116,6 +116,13 @@ def _prepared_stats(prepared: DataFrame) -> Any:
     ))
 
 
+def per_core(rows: DataFrame) -> DataFrame:
+    """``rows`` in at most one partition per core of the application: a pass that scores shipped
+    vectors costs little per row, so each Python task's fixed cost (about 0.1 s) would dominate
+    with many small partitions."""
+    return rows.coalesce(max(1, rows.sparkSession.sparkContext.defaultParallelism))
+
+
 def partitions(df: DataFrame) -> int:
     return int(df.sparkSession.conf.get("spark.sql.shuffle.partitions", "8") or 8)
 

@@ -22,7 +22,7 @@ from recsys.knn.exact import top_up
 from recsys.knn.index import cell_keys, largest_bucket, probed_cells
 from recsys.knn.kernels import merge_top_k, score_cells, segment_cosines
 from recsys.knn.params import LSHIndex, Segments
-from recsys.knn.scoring import materialised, merge_pairs, named, prepare
+from recsys.knn.scoring import materialised, merge_pairs, named, per_core, prepare
 from recsys.knn.search import top_k
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def _search_shipped(indexed: DataFrame, queries: DataFrame, dim: int, k: int, in
     their probed buckets: each query's best ``k`` per task (merge them with :func:`merge_pairs`)."""
     q_idx, q_vec = _collected(indexed.join(queries, "idx", "left_semi"), dim)
     q_keys = cell_keys(probed_cells(q_vec, index)).reshape(len(q_idx), -1)
-    rows = _per_core(indexed.select("idx", "vec"))
+    rows = per_core(indexed.select("idx", "vec"))
     return _union([rows.mapInArrow(_scorer(q_idx[c], q_vec[c], q_keys[c], dim, k, index, segments, block_size, True),  # type: ignore[arg-type]
                                    pair_schema(segments))
                    for c in _chunks(len(q_idx), dim)])
@@ -231,17 +231,10 @@ def _entering(indexed: DataFrame, bars: DataFrame, delta: DataFrame, dim: int, k
     bar_nidx``; ``bars`` is broadcast, one small row per article)."""
     d_idx, d_vec = _collected(indexed.join(delta, "idx", "left_semi"), dim)
     d_keys = cell_keys(probed_cells(d_vec, index, 1)[:, :, 0])  # (m, bands): home buckets
-    rows = _per_core(indexed.select("idx", "vec").join(F.broadcast(bars), "idx"))
+    rows = per_core(indexed.select("idx", "vec").join(F.broadcast(bars), "idx"))
     return _union([rows.mapInArrow(_scorer(d_idx[c], d_vec[c], d_keys[c], dim, k, index, segments, block_size, False),  # type: ignore[arg-type]
                                    pair_schema(segments))
                    for c in _chunks(len(d_idx), dim)])
-
-
-def _per_core(rows: DataFrame) -> DataFrame:
-    """``rows`` in at most one partition per core of the application: a pass that scores shipped
-    vectors costs little per row, so each Python task's fixed cost (about 0.1 s) would dominate
-    with many small partitions."""
-    return rows.coalesce(max(1, rows.sparkSession.sparkContext.defaultParallelism))
 
 
 def _union(parts: list[DataFrame]) -> DataFrame:

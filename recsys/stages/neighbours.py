@@ -56,7 +56,9 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         ``removed`` vectors, ``index_id``, ``articles``, ``rows``, ``seconds`` (the search; the
         write and the measures are in ``write_seconds`` and ``measure_seconds``),
         ``recall_at_k``, ``category_precision_at_k``, ``category_precision_common_at_k``,
-        ``probe_macro_f1``, ``probe_accuracy`` (full mode only); and ``common_articles``.
+        ``probe_macro_f1``, ``probe_accuracy`` (full mode only); an update's ``largest_bucket``
+        (measured) or ``largest_bucket_bound`` (not measured: no bucket can have outgrown
+        ``max_bucket_size``); and ``common_articles``.
     """
     db = cfg.data.database
     versions = {"item_embeddings": state.table_version(spark, db, tables.ITEM_EMBEDDINGS),
@@ -353,7 +355,10 @@ def _neighbours_of(
             measured = result.select("article_id")
         entry["reason"] = (f"{how.reason}; {update.affected} lists searched again, {update.touched} entered by a "
                            "changed vector" + ("; full search (cheaper)" if update.full else ""))
-        entry["largest_bucket"] = update.largest_bucket if update.largest_bucket is not None else f"at most {bound}"
+        if update.largest_bucket is not None:
+            entry["largest_bucket"] = update.largest_bucket
+        else:  # not measured: the bound showed no bucket can be too large
+            entry["largest_bucket_bound"] = bound
     elif knn.backend == "lsh" and how.saved is not None:  # knn.recompute
         index_id = how.saved.index_id
         result = top_k(vectors, knn.k, "lsh", segments=segments, block_size=knn.block_size,

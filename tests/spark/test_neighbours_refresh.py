@@ -92,7 +92,8 @@ def test_incremental_day_equals_a_full_recompute_with_the_saved_index(spark, war
     assert update["metadata"]["index_id"] == saved.index_id  # the index was reused, not refitted
     # the buckets were not measured again: the fit's largest plus 32 changed vectors is a bound
     assert saved.index.largest_bucket is not None and saved.index.largest_bucket > 0
-    assert update["metadata"]["largest_bucket"] == f"at most {saved.index.largest_bucket + 32}"
+    assert update["metadata"]["largest_bucket_bound"] == saved.index.largest_bucket + 32
+    assert "largest_bucket" not in update["metadata"]
     assert (update["metadata"]["rows"], update["metadata"]["articles"]) == (5 * len(catalogue), len(catalogue))
     assert update["metadata"]["measured_on"] == "rewritten lists"
     assert 0 <= update["metadata"]["category_precision_at_k"] <= 1
