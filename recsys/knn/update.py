@@ -8,6 +8,7 @@ shuffled. Unchanged lists are neither read into the search nor written back.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.types import IntegerType, StructField, StructType
 
 from recsys.knn.arrow import pair_schema, pairs_batch, task_threads, vectors_of
 from recsys.knn.exact import top_up
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 SHIPPED_BYTES = 64 << 20  # at most this many bytes of query (or changed) vectors travel with one pass
 NO_WINDOW = 1 << 62  # score_cells: never cut a bucket into windows (the update checks bucket sizes first)
+SEARCHED, ENTERING = 0, 1  # the kinds of pairs of one shipped pass (:func:`_shipped_pass`)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class ListUpdate:
         full: True when the update fell back to a full search (then ``lists`` holds every list).
         affected, touched, removed: articles searched again, unchanged lists a changed vector
             entered, articles removed.
+        articles: the vectors (articles) of the catalogue.
         largest_bucket: members of the largest home bucket, None when ``bucket_bound`` showed
             that no bucket can be too large (not measured).
     """
@@ -53,6 +57,7 @@ class ListUpdate:
     affected: int
     touched: int
     removed: int
+    articles: int
     largest_bucket: int | None = None
 
     def applied(self, previous: DataFrame) -> DataFrame:
@@ -87,12 +92,12 @@ def update_top_k(
     With the same ``index`` the result equals ``top_k(vectors, k, index=index)`` (up to the
     float32 rounding of scores computed in other blocks).
 
-    How: the affected queries (with their probed buckets) and then ``Δ`` (with its home buckets)
-    are shipped with the tasks in chunks of at most :data:`SHIPPED_BYTES`; each task scores its
-    partition of the catalogue against them bucket by bucket (:func:`recsys.knn.kernels.score_cells`)
-    and returns only candidate pairs, so no vector is shuffled. Work: one pass over the vectors
-    per chunk, ``O(|affected| · probes · bucket size)`` products plus ``O(n · probes)`` for the
-    buckets of the unaffected articles.
+    How: the affected queries (with their probed buckets) and ``Δ`` (with its home buckets)
+    are shipped together with the tasks, in chunks of at most :data:`SHIPPED_BYTES` of each;
+    each task scores its partition of the catalogue against both bucket by bucket
+    (:func:`recsys.knn.kernels.score_cells`) and returns only candidate pairs, so no vector is
+    shuffled. Work: one pass over the vectors per chunk, ``O(|affected| · probes · bucket size)``
+    products plus ``O(n · probes)`` for the buckets of the unaffected articles.
 
     Falls back to a full search with ``index`` (``full`` in the result) when more than
     ``max_affected_share`` of the articles are affected (a full search is then cheaper), or when
@@ -148,7 +153,7 @@ def _update(vectors: DataFrame, indexed: DataFrame, n: int, dim: int, previous: 
         logger.info("lsh update: %s; full search with the saved index", reason)
         lists = top_k(vectors, k, index=index, segments=segments, block_size=block_size, block_rows=block_rows)
         replaced = materialised(prev.select("article_id").distinct().unionByName(names.select("article_id")).distinct())
-        return ListUpdate(lists, replaced, True, affected, 0, n_removed, biggest)
+        return ListUpdate(lists, replaced, True, affected, 0, n_removed, n, biggest)
 
     if n < 2:
         return full_search("fewer than two vectors", n)
@@ -177,15 +182,16 @@ def _update(vectors: DataFrame, indexed: DataFrame, n: int, dim: int, previous: 
     if n_affected > max_affected_share * n:
         return full_search(f"{n_affected} of {n} lists affected (more than {max_affected_share:.0%})", n_affected)
 
-    # 1. affected articles: their probed buckets against every member
-    searched = _search_shipped(indexed, affected, dim, k, index, segments, block_size)
-    ranked = merge_pairs(searched, k, segments)
-    ranked = top_up(indexed, ranked, n, k, dim, segments, block_size, block_rows, cached, queries=affected)
-    # 2. every other list: the members of Δ in its probed buckets that beat its k-th entry
+    # one pass over the vectors for both kinds of candidates: (1) the affected articles' probed
+    # buckets against every member; (2) for every other list, the members of Δ in its probed
+    # buckets that beat its k-th entry
     bars = (by_idx.where(F.col("rank") == want).join(affected, "idx", "left_anti")
             .select("idx", F.col("score").alias("bar"), F.col("nidx").alias("bar_nidx")))
-    entering = _entering(indexed, bars, delta, dim, k, index, segments, block_size).persist()
-    cached.append(entering)
+    both = _shipped_pass(indexed, affected, delta, bars, dim, k, index, segments, block_size).persist()
+    cached.append(both)
+    ranked = merge_pairs(both.where(F.col("kind") == SEARCHED).drop("kind"), k, segments)
+    ranked = top_up(indexed, ranked, n, k, dim, segments, block_size, block_rows, cached, queries=affected)
+    entering = both.where(F.col("kind") == ENTERING).drop("kind")
     touched = entering.select("idx").distinct().persist()
     cached.append(touched)
     n_touched = touched.count()
@@ -196,7 +202,7 @@ def _update(vectors: DataFrame, indexed: DataFrame, n: int, dim: int, previous: 
     replaced = materialised(rewritten.unionByName(removed).distinct())
     logger.info("lsh update: %d articles, %d changed, %d removed, %d searched again, %d lists entered by a changed "
                 "vector", n, delta.count(), n_removed, n_affected, n_touched)
-    return ListUpdate(lists, replaced, False, n_affected, n_touched, n_removed, biggest)
+    return ListUpdate(lists, replaced, False, n_affected, n_touched, n_removed, n, biggest)
 
 
 def _collected(rows: DataFrame, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,29 +218,36 @@ def _chunks(m: int, dim: int) -> list[slice]:
     return [slice(i, i + step) for i in range(0, m, step)] or [slice(0, 0)]
 
 
-def _search_shipped(indexed: DataFrame, queries: DataFrame, dim: int, k: int, index: LSHIndex, segments: Segments,
-                    block_size: int) -> DataFrame:
-    """Candidate pairs (``pair_schema(segments)``) of ``queries`` (``idx``) against every vector in
-    their probed buckets: each query's best ``k`` per task (merge them with :func:`merge_pairs`)."""
+def _shipped_pass(indexed: DataFrame, queries: DataFrame, delta: DataFrame, bars: DataFrame, dim: int, k: int,
+                  index: LSHIndex, segments: Segments, block_size: int) -> DataFrame:
+    """Both kinds of candidate pairs of an update, in one pass over the vectors
+    (``pair_schema(segments)`` plus ``kind``):
+
+    - :data:`SEARCHED`: ``queries`` (``idx``) against every vector in their probed buckets, each
+      query's best ``k`` per task (merge them with :func:`merge_pairs`);
+    - :data:`ENTERING`: ``(idx, nidx ∈ delta, score)`` where a changed vector ``nidx`` is in a
+      probed bucket of an article with a ``bars`` row (``idx, bar, bar_nidx``: the unaffected
+      articles and their ``k``-th entry) and beats that entry.
+
+    ``delta`` must be a subset of ``queries`` (its vectors are taken from theirs). The queries
+    (with their probed bucket keys) and the changed vectors (with their home bucket keys) travel
+    with the tasks, at most :data:`SHIPPED_BYTES` of each per pass; ``bars`` is broadcast (one
+    small row per article).
+    """
     q_idx, q_vec = _collected(indexed.join(queries, "idx", "left_semi"), dim)
     q_keys = cell_keys(probed_cells(q_vec, index)).reshape(len(q_idx), -1)
-    rows = per_core(indexed.select("idx", "vec"))
-    return _union([rows.mapInArrow(_scorer(q_idx[c], q_vec[c], q_keys[c], dim, k, index, segments, block_size, True),  # type: ignore[arg-type]
-                                   pair_schema(segments))
-                   for c in _chunks(len(q_idx), dim)])
-
-
-def _entering(indexed: DataFrame, bars: DataFrame, delta: DataFrame, dim: int, k: int, index: LSHIndex,
-              segments: Segments, block_size: int) -> DataFrame:
-    """Pairs ``(idx, nidx ∈ Δ, score)`` where a changed vector ``nidx`` is in a probed bucket of an
-    unaffected article ``idx`` and beats that article's ``k``-th entry (``bars``: ``idx, bar,
-    bar_nidx``; ``bars`` is broadcast, one small row per article)."""
-    d_idx, d_vec = _collected(indexed.join(delta, "idx", "left_semi"), dim)
+    d_ids = delta.toArrow().column("idx").to_numpy()
+    in_delta = np.isin(q_idx, d_ids)
+    d_idx, d_vec = q_idx[in_delta], q_vec[in_delta]
     d_keys = cell_keys(probed_cells(d_vec, index, 1)[:, :, 0])  # (m, bands): home buckets
-    rows = per_core(indexed.select("idx", "vec").join(F.broadcast(bars), "idx"))
-    return _union([rows.mapInArrow(_scorer(d_idx[c], d_vec[c], d_keys[c], dim, k, index, segments, block_size, False),  # type: ignore[arg-type]
-                                   pair_schema(segments))
-                   for c in _chunks(len(d_idx), dim)])
+    rows = per_core(indexed.select("idx", "vec").join(F.broadcast(bars), "idx", "left"))
+    schema = StructType([*pair_schema(segments).fields, StructField("kind", IntegerType(), False)])
+    none = slice(0, 0)
+    return _union([
+        rows.mapInArrow(_scorer(_Shipped(q_idx[qc], q_vec[qc], q_keys[qc]), _Shipped(d_idx[dc], d_vec[dc], d_keys[dc]),  # type: ignore[arg-type]
+                                dim, k, index, segments, block_size), schema)
+        for qc, dc in itertools.zip_longest(_chunks(len(q_idx), dim), _chunks(len(d_idx), dim), fillvalue=none)
+    ])
 
 
 def _union(parts: list[DataFrame]) -> DataFrame:
@@ -244,52 +257,73 @@ def _union(parts: list[DataFrame]) -> DataFrame:
     return out
 
 
-def _scorer(s_idx: np.ndarray, s_vec: np.ndarray, s_keys: np.ndarray, dim: int, k: int, index: LSHIndex,
-            segments: Segments, block_size: int, queries_ship: bool) -> Callable[[Iterator[pa.RecordBatch]],
-                                                                                   Iterator[pa.RecordBatch]]:
-    """The task function of one pass. The shipped rows (``s_*``) are the queries with their
-    probed bucket keys (``queries_ship``) or changed vectors with their home bucket keys; the
-    task's partition holds the other side. Each task scores its whole partition in one
-    :func:`score_cells` call and returns every query's best ``k`` (after the bar, when the
-    partition carries ``bar``/``bar_nidx``)."""
-    m = len(s_idx)
+@dataclass(frozen=True)
+class _Shipped:
+    """Rows that travel with a pass: ``idx (m,)``, vectors ``(m, d)`` and bucket keys ``(m, c)``."""
+
+    idx: np.ndarray
+    vec: np.ndarray
+    keys: np.ndarray
+
+
+def _scorer(queries: _Shipped, changed: _Shipped, dim: int, k: int, index: LSHIndex, segments: Segments,
+            block_size: int) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The task function of :func:`_shipped_pass`. The task's partition (``idx, vec, bar,
+    bar_nidx``) is the data side of the shipped ``queries`` (its rows' home buckets) and the
+    query side of the shipped ``changed`` vectors (its rows with a bar, their probed buckets).
+    Each side is scored in one :func:`score_cells` call over the whole partition; each query's
+    best ``k`` is returned (for ``changed``, only pairs that beat the bar)."""
     bands = int(index.fitted["bands"])
 
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        task_threads()
-        tables = [b for b in batches if b.num_rows]
-        if not tables or m == 0:
-            return
-        table = pa.Table.from_batches(tables).combine_chunks()
-        p_idx = table.column("idx").to_numpy()
-        p_vec = vectors_of(table.column("vec").chunk(0), dim)
-        vec = np.concatenate([s_vec, p_vec])
-        ids = np.concatenate([s_idx, p_idx])
+    def scored(s: _Shipped, p_idx: np.ndarray, p_vec: np.ndarray, p_keys: np.ndarray, data_ships: bool,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(rows, cols, scores, vec)``: the best pairs of one side (row/col positions in ``vec``,
+        the shipped rows first; a query is a shipped row unless ``data_ships``)."""
+        m = len(s.idx)
+        vec = np.concatenate([s.vec, p_vec])
         own = np.arange(m, m + len(p_idx))
-        if queries_ship:  # partition rows are data: their home buckets
-            own_keys = cell_keys(probed_cells(p_vec, index, 1)[:, :, 0])
-            homes = (np.repeat(own, own_keys.shape[1]), own_keys.ravel())
-            probes = (np.repeat(np.arange(m), s_keys.shape[1]), s_keys.ravel())
-        else:  # partition rows are queries: their probed buckets
-            own_keys = cell_keys(probed_cells(p_vec, index)).reshape(len(p_idx), -1)
-            homes = (np.repeat(np.arange(m), s_keys.shape[1]), s_keys.ravel())
-            probes = (np.repeat(own, own_keys.shape[1]), own_keys.ravel())
+        shipped = (np.repeat(np.arange(m), s.keys.shape[1]), s.keys.ravel())
+        local = (np.repeat(own, p_keys.shape[1]), p_keys.ravel())
+        homes, probes = (shipped, local) if data_ships else (local, shipped)
         # with several bands a pair can meet in more than one: score_cells must then drop duplicates
-        result = score_cells(vec, ids, homes, probes, k, NO_WINDOW, np.zeros(len(vec), np.float32), block_size,
-                             unique=bands == 1)
-        rows, cols, scores = result.rows, result.cols, result.scores
-        if not queries_ship:
-            bar = table.column("bar").to_numpy().astype(np.float32)
-            bar_nidx = table.column("bar_nidx").to_numpy()
-            q = rows - m
-            beats = (scores > bar[q]) | ((scores == bar[q]) & (ids[cols] < bar_nidx[q]))
-            rows, cols, scores = rows[beats], cols[beats], scores[beats]
+        result = score_cells(vec, np.concatenate([s.idx, p_idx]), homes, probes, k, NO_WINDOW,
+                             np.zeros(len(vec), np.float32), block_size, unique=bands == 1)
+        return result.rows, result.cols, result.scores, vec
+
+    def emitted(ids: np.ndarray, rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, vec: np.ndarray,
+                kind: int) -> Iterator[pa.RecordBatch]:
         if len(rows) == 0:
             return
         keep, _ = merge_top_k(ids[rows], ids[cols], scores, k)
         rows, cols, scores = rows[keep], cols[keep], scores[keep]
         seg = segment_cosines(vec[rows], vec[cols], segments) if segments else None
-        yield pairs_batch(ids[rows], ids[cols], scores, seg)
+        batch = pairs_batch(ids[rows], ids[cols], scores, seg)
+        yield pa.RecordBatch.from_arrays([*batch.columns, pa.array(np.full(len(rows), kind, np.int32))],
+                                         names=[*batch.schema.names, "kind"])
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        task_threads()
+        tables = [b for b in batches if b.num_rows]
+        if not tables:
+            return
+        table = pa.Table.from_batches(tables).combine_chunks()
+        p_idx = table.column("idx").to_numpy()
+        p_vec = vectors_of(table.column("vec").chunk(0), dim)
+        if len(queries.idx):  # partition rows are data: their home buckets
+            home_keys = cell_keys(probed_cells(p_vec, index, 1)[:, :, 0])
+            rows, cols, scores, vec = scored(queries, p_idx, p_vec, home_keys, False)
+            yield from emitted(np.concatenate([queries.idx, p_idx]), rows, cols, scores, vec, SEARCHED)
+        has_bar = table.column("bar").is_valid().to_numpy(zero_copy_only=False)
+        if len(changed.idx) and has_bar.any():  # partition rows with a bar are queries: their probed buckets
+            q_idx, q_vec = p_idx[has_bar], p_vec[has_bar]
+            probe_keys = cell_keys(probed_cells(q_vec, index)).reshape(len(q_idx), -1)
+            rows, cols, scores, vec = scored(changed, q_idx, q_vec, probe_keys, True)
+            m = len(changed.idx)
+            bar = table.column("bar").filter(pa.array(has_bar)).to_numpy().astype(np.float32)
+            bar_nidx = table.column("bar_nidx").filter(pa.array(has_bar)).to_numpy()
+            ids = np.concatenate([changed.idx, q_idx])
+            q = rows - m
+            beats = (scores > bar[q]) | ((scores == bar[q]) & (ids[cols] < bar_nidx[q]))
+            yield from emitted(ids, rows[beats], cols[beats], scores[beats], vec, ENTERING)
 
     return run
-

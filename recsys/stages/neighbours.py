@@ -88,7 +88,8 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
             if modality not in model_ids:
                 logger.info("neighbours %s: no vectors (modality off or not embedded), skipped", modality)
                 continue
-            vectors = current_vectors(spark, cfg, {modality: model_ids[modality]}).select("article_id", "vector").persist()
+            # cached by _neighbours_of for a full search, which reads them several times
+            vectors = current_vectors(spark, cfg, {modality: model_ids[modality]}).select("article_id", "vector")
             try:
                 report[modality], out = _neighbours_of(spark, cfg, run_id, modality, vectors, common, model_ids,
                                                        previous, changes)
@@ -193,7 +194,7 @@ class Plan:
 
 
 def plan(
-    spark: SparkSession, cfg: Config, modality: str, model_id: str, n: int, previous: state.Consumed | None,
+    spark: SparkSession, cfg: Config, modality: str, model_id: str, previous: state.Consumed | None,
     segments: Segments, changes: Changes | None,
 ) -> Plan:
     """Decide how to bring ``modality``'s lists up to date (see :class:`Plan` and ``knn.refit_*``).
@@ -331,10 +332,13 @@ def _neighbours_of(
     params = LSHParams(**cfg.knn.lsh.model_dump())
     started = time.perf_counter()
     segments = load_layout(spark, db, model_ids["fused"]).segments if modality == "fused" else ()
-    n_vectors = vectors.count()
-    how = plan(spark, cfg, modality, model_ids[modality], n_vectors, previous, segments, changes)
+    how = plan(spark, cfg, modality, model_ids[modality], previous, segments, changes)
     logger.info("neighbours %s: %s (%s)", modality, how.mode, how.reason)
     knn = cfg.knn
+    if how.mode == "full":  # fit, search, probe and recall each read the vectors: cache them once
+        vectors.persist()
+    # an update reads them once (update_top_k keeps its own prepared copy) and counts them
+    n_vectors = vectors.count() if how.mode != "update" else -1
     entry: dict[str, Any] = {"vectors": n_vectors, "mode": how.mode, "reason": how.reason,
                              "changed": how.n_changed, "removed": how.n_removed}
     if how.mode == "unchanged":
@@ -348,6 +352,7 @@ def _neighbours_of(
         update = update_top_k(vectors, how.previous, how.changed, knn.k, how.saved.index, segments,
                               knn.block_size, knn.exact_block_rows, bucket_bound=bound)
         result, index_id = update.lists, how.saved.index_id
+        entry["vectors"] = update.articles
         if not update.full:
             # every key a superseded list can hold (ranks 1..k); keys without a row delete nothing
             deleted = update.replaced.select("article_id", F.lit(modality).alias("modality"),

@@ -124,9 +124,9 @@ def test_incremental_day_equals_a_full_recompute_with_the_saved_index(spark, war
     changes = neighbours.changes_since(spark, cfg, {"metadata": "onehot@m1"}, last)  # type: ignore[arg-type]
     assert changes is not None and changes.n_changed == {"metadata": 10}
     strict = cfg.model_copy(update={"knn": cfg.knn.model_copy(update={"refit_share": 0.08})})  # type: ignore[attr-defined]
-    how = neighbours.plan(spark, strict, "metadata", "onehot@m1", len(catalogue), last, (), changes)
+    how = neighbours.plan(spark, strict, "metadata", "onehot@m1", last, (), changes)
     assert how.mode == "full" and how.reason.startswith("8.3% of the vectors changed since the index was fitted")
-    assert neighbours.plan(spark, cfg, "metadata", "onehot@m1", len(catalogue), last, (), changes).mode == "update"
+    assert neighbours.plan(spark, cfg, "metadata", "onehot@m1", last, (), changes).mode == "update"
     changes.changed.unpersist()
 
     # more than refit_share changed: the plan is a refit, every list recomputed
@@ -135,6 +135,6 @@ def test_incremental_day_equals_a_full_recompute_with_the_saved_index(spark, war
     last = state.consumed(spark, DB, "neighbours")
     changes = neighbours.changes_since(spark, cfg, {"metadata": "onehot@m1"}, last)  # type: ignore[arg-type]
     assert changes is not None and changes.n_changed == {"metadata": len(catalogue)} and not changes.n_removed
-    how = neighbours.plan(spark, cfg, "metadata", "onehot@m1", len(catalogue), last, (), changes)  # type: ignore[arg-type]
+    how = neighbours.plan(spark, cfg, "metadata", "onehot@m1", last, (), changes)  # type: ignore[arg-type]
     changes.changed.unpersist()
     assert how.mode == "full" and "knn.refit_share" in how.reason and how.n_changed == len(catalogue)
