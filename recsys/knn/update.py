@@ -22,7 +22,7 @@ from pyspark.sql.types import IntegerType, StructField, StructType
 from recsys.knn.arrow import pair_schema, pairs_batch, task_threads, vectors_of
 from recsys.knn.exact import top_up
 from recsys.knn.index import cell_keys, largest_bucket, probed_cells
-from recsys.knn.kernels import merge_top_k, score_cells, segment_cosines
+from recsys.knn.kernels import CellResult, merge_top_k, score_cells, segment_cosines
 from recsys.knn.params import LSHIndex, Segments
 from recsys.knn.scoring import materialised, merge_pairs, named, per_core, prepare
 from recsys.knn.search import top_k
@@ -271,27 +271,18 @@ def _scorer(queries: _Shipped, changed: _Shipped, dim: int, k: int, index: LSHIn
     """The task function of :func:`_shipped_pass`. The task's partition (``idx, vec, bar,
     bar_nidx``) is the data side of the shipped ``queries`` (its rows' home buckets) and the
     query side of the shipped ``changed`` vectors (its rows with a bar, their probed buckets).
-    Each side is scored in one :func:`score_cells` call over the whole partition; each query's
-    best ``k`` is returned (for ``changed``, only pairs that beat the bar)."""
-    bands = int(index.fitted["bands"])
+    The partition's buckets are computed once for both; each side is scored in one
+    :func:`score_cells` call over the whole partition, and each query's best ``k`` is returned
+    (for ``changed``, only pairs that beat the bar)."""
+    m_q, m_d = len(queries.idx), len(changed.idx)
+    # with several bands a pair can meet in more than one: score_cells must then drop duplicates
+    unique = int(index.fitted["bands"]) == 1
 
-    def scored(s: _Shipped, p_idx: np.ndarray, p_vec: np.ndarray, p_keys: np.ndarray, data_ships: bool,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(rows, cols, scores, vec)``: the best pairs of one side (row/col positions in ``vec``,
-        the shipped rows first; a query is a shipped row unless ``data_ships``)."""
-        m = len(s.idx)
-        vec = np.concatenate([s.vec, p_vec])
-        own = np.arange(m, m + len(p_idx))
-        shipped = (np.repeat(np.arange(m), s.keys.shape[1]), s.keys.ravel())
-        local = (np.repeat(own, p_keys.shape[1]), p_keys.ravel())
-        homes, probes = (shipped, local) if data_ships else (local, shipped)
-        # with several bands a pair can meet in more than one: score_cells must then drop duplicates
-        result = score_cells(vec, np.concatenate([s.idx, p_idx]), homes, probes, k, NO_WINDOW,
-                             np.zeros(len(vec), np.float32), block_size, unique=bands == 1)
-        return result.rows, result.cols, result.scores, vec
-
-    def emitted(ids: np.ndarray, rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, vec: np.ndarray,
+    def emitted(ids: np.ndarray, result: CellResult, beats: np.ndarray | None, vec: np.ndarray,
                 kind: int) -> Iterator[pa.RecordBatch]:
+        rows, cols, scores = result.rows, result.cols, result.scores
+        if beats is not None:
+            rows, cols, scores = rows[beats], cols[beats], scores[beats]
         if len(rows) == 0:
             return
         keep, _ = merge_top_k(ids[rows], ids[cols], scores, k)
@@ -307,23 +298,33 @@ def _scorer(queries: _Shipped, changed: _Shipped, dim: int, k: int, index: LSHIn
         if not tables:
             return
         table = pa.Table.from_batches(tables).combine_chunks()
-        p_idx = table.column("idx").to_numpy()
         p_vec = vectors_of(table.column("vec").chunk(0), dim)
-        if len(queries.idx):  # partition rows are data: their home buckets
-            home_keys = cell_keys(probed_cells(p_vec, index, 1)[:, :, 0])
-            rows, cols, scores, vec = scored(queries, p_idx, p_vec, home_keys, False)
-            yield from emitted(np.concatenate([queries.idx, p_idx]), rows, cols, scores, vec, SEARCHED)
+        # rows: the shipped queries, then the shipped changed vectors, then the partition
+        vec = np.concatenate([queries.vec, changed.vec, p_vec])
+        ids = np.concatenate([queries.idx, changed.idx, table.column("idx").to_numpy()])
+        del p_vec
+        first = m_q + m_d
+        own = np.arange(first, len(ids))
         has_bar = table.column("bar").is_valid().to_numpy(zero_copy_only=False)
-        if len(changed.idx) and has_bar.any():  # partition rows with a bar are queries: their probed buckets
-            q_idx, q_vec = p_idx[has_bar], p_vec[has_bar]
-            probe_keys = cell_keys(probed_cells(q_vec, index)).reshape(len(q_idx), -1)
-            rows, cols, scores, vec = scored(changed, q_idx, q_vec, probe_keys, True)
-            m = len(changed.idx)
-            bar = table.column("bar").filter(pa.array(has_bar)).to_numpy().astype(np.float32)
-            bar_nidx = table.column("bar_nidx").filter(pa.array(has_bar)).to_numpy()
-            ids = np.concatenate([changed.idx, q_idx])
-            q = rows - m
-            beats = (scores > bar[q]) | ((scores == bar[q]) & (ids[cols] < bar_nidx[q]))
-            yield from emitted(ids, rows[beats], cols[beats], scores[beats], vec, ENTERING)
+        entering = m_d > 0 and bool(has_bar.any())
+        cells = probed_cells(vec[first:], index, None if entering else 1)  # (rows, bands, probes); [:, :, 0] home
+        zeros = np.zeros(len(vec), np.float32)
+        if m_q:  # partition rows are data: their home buckets
+            homes = cell_keys(cells[:, :, 0])
+            result = score_cells(vec, ids, (np.repeat(own, homes.shape[1]), homes.ravel()),
+                                 (np.repeat(np.arange(m_q), queries.keys.shape[1]), queries.keys.ravel()),
+                                 k, NO_WINDOW, zeros, block_size, unique=unique)
+            yield from emitted(ids, result, None, vec, SEARCHED)
+        if entering:  # partition rows with a bar are queries: their probed buckets
+            asking = own[has_bar]
+            probes = cell_keys(cells[has_bar]).reshape(len(asking), -1)
+            result = score_cells(vec, ids, (m_q + np.repeat(np.arange(m_d), changed.keys.shape[1]), changed.keys.ravel()),
+                                 (np.repeat(asking, probes.shape[1]), probes.ravel()),
+                                 k, NO_WINDOW, zeros, block_size, unique=unique)
+            bar = table.column("bar").fill_null(np.inf).to_numpy().astype(np.float32)
+            bar_nidx = table.column("bar_nidx").fill_null(-1).to_numpy()
+            q = result.rows - first
+            beats = (result.scores > bar[q]) | ((result.scores == bar[q]) & (ids[result.cols] < bar_nidx[q]))
+            yield from emitted(ids, result, beats, vec, ENTERING)
 
     return run
