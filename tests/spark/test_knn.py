@@ -195,6 +195,19 @@ def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignor
     assert fallback.full and fallback.affected > 0.3 * len(keep) and fallback.largest_bucket == largest(v2[keep])
     assert {a: [n for _, n, _ in r] for a, r in lists(fallback.applied(before)).items()} == {
         a: [n for _, n, _ in r] for a, r in full.items()}
+    # a day that only removes articles: no vector to ship as a candidate, the lists that held a
+    # removed article searched again
+    fewer = [i for i in keep if not 300 <= i < 310]
+    later = frame(spark, v2[fewer], [ids[i] for i in fewer])
+    no_change = spark.createDataFrame([], "article_id string")
+    today = top_k(now, 6, index=index).localCheckpoint()
+    pruned = update_top_k(later, today, no_change, 6, index)
+    assert not pruned.full and pruned.removed == 10 and pruned.touched == 0 and pruned.affected > 0
+    got, want = lists(pruned.applied(today)), lists(top_k(later, 6, index=index))
+    assert got.keys() == want.keys() and len(want) == len(fewer)
+    for article, rows in want.items():
+        assert [n for _, n, _ in got[article]] == [n for _, n, _ in rows], article
+        assert np.allclose([s for _, _, s in got[article]], [s for _, _, s in rows], atol=1e-5)
     # the update did real work: unchanged articles gained new neighbours and lost removed ones
     old_lists = lists(before)
     unchanged = [ids[i] for i in keep if i < 100 or 140 <= i < 1400]
