@@ -29,7 +29,7 @@ from recsys.knn.search import top_k
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_BYTES = 64 << 20  # at most this many bytes of query (or changed) vectors travel with one pass
+SHIPPED_BYTES = 64 << 20  # at most this many bytes of query vectors, and as many of changed ones, travel with one pass
 NO_WINDOW = 1 << 62  # score_cells: never cut a bucket into windows (the update checks bucket sizes first)
 SEARCHED, ENTERING = 0, 1  # the kinds of pairs of one shipped pass (:func:`_shipped_pass`)
 

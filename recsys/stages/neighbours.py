@@ -337,10 +337,10 @@ def _neighbours_of(
     knn = cfg.knn
     if how.mode == "full":  # fit, search, probe and recall each read the vectors: cache them once
         vectors.persist()
-    # an update reads them once (update_top_k keeps its own prepared copy) and counts them
-    n_vectors = vectors.count() if how.mode != "update" else -1
-    entry: dict[str, Any] = {"vectors": n_vectors, "mode": how.mode, "reason": how.reason,
-                             "changed": how.n_changed, "removed": how.n_removed}
+    entry: dict[str, Any] = {"mode": how.mode, "reason": how.reason, "changed": how.n_changed,
+                             "removed": how.n_removed}
+    if how.mode != "update":  # an update reads them once (into its own prepared copy) and counts them there
+        entry["vectors"] = vectors.count()
     if how.mode == "unchanged":
         entry["seconds"] = round(time.perf_counter() - started, 2)
         return entry, None
@@ -370,7 +370,7 @@ def _neighbours_of(
                        block_rows=knn.exact_block_rows, index=how.saved.index)
     elif knn.backend == "lsh":
         index = fit_index(vectors, params)
-        index_id = save_index(spark, db, modality, index, model_ids[modality], n_vectors, run_id)
+        index_id = save_index(spark, db, modality, index, model_ids[modality], entry["vectors"], run_id)
         result = top_k(vectors, knn.k, "lsh", segments=segments, block_size=knn.block_size,
                        block_rows=knn.exact_block_rows, index=index)
     else:
