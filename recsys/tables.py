@@ -400,6 +400,7 @@ def merge(
     only_changed: bool = False,
     delete_missing: str | None = None,
     deleted: DataFrame | None = None,
+    within: str | None = None,
 ) -> None:
     """Upsert ``df`` into the table on its key, in one Delta commit.
 
@@ -410,10 +411,20 @@ def merge(
     qualified with ``t.``) and whose key is not in ``df`` are deleted in the same commit, so
     ``df`` becomes the whole of that slice. ``deleted`` (the key columns) lists rows to delete
     in the same commit, without a scan of the slice: keys that ``df`` does not hold. ``df``
-    must hold each key at most once (Delta raises otherwise).
+    must hold each key at most once (Delta raises otherwise). ``within`` (SQL on ``t.``, e.g. one
+    partition) is a predicate every row of ``df`` and ``deleted`` satisfies: it joins the merge
+    condition, so Delta reads only the target files that can match (partition pruning).
+
+    Raises:
+        ValueError: ``within`` with ``delete_missing`` (rows outside ``within`` would count as
+            missing from ``df``).
     """
+    if within is not None and delete_missing is not None:
+        raise ValueError("merge: within and delete_missing together would delete the rows outside within")
     target = DeltaTable.forName(spark, qualified(database, spec))
     condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.key)
+    if within is not None:
+        condition = f"({within}) AND {condition}"
     source = conform(df, spec)
     if deleted is not None:
         gone = deleted.select(*spec.key).join(source.select(*spec.key), list(spec.key), "left_anti")

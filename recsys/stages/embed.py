@@ -108,7 +108,7 @@ def embed_text(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
             .withColumn("dim", F.size("vector"))
         )
         with sql_conf(spark, {ARROW_BATCH: str(cfg.text.arrow_batch_size)}):
-            tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors)
+            tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors, within="t.modality = 'text'")
     seconds = time.perf_counter() - started
     todo.unpersist()
     n_stale = tables.delete_removed_vectors(spark, db, "text")
@@ -210,7 +210,7 @@ def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> 
             "content_hash",
             F.lit(run_id).alias("run_id"),
         )
-        tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors)
+        tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors, within="t.modality = 'image'")
         rejects = results.where(F.col("r.error").isNotNull()).select(
             F.lit(run_id).alias("run_id"),
             F.col("image_path").alias("source"),
@@ -297,7 +297,10 @@ def write_changed(spark: SparkSession, db: str, modality: str, mid: str, hashed:
     try:
         n_todo, n_deleted = todo.count(), deleted.count()
         if n_todo or n_deleted:
-            tables.merge(spark, db, tables.ITEM_EMBEDDINGS, rows_for(todo), only_changed=True, deleted=deleted)
+            # every todo row has another content_hash than its stored row: each update changes the
+            # row, so no comparison of the stored vectors (which would read them all back)
+            tables.merge(spark, db, tables.ITEM_EMBEDDINGS, rows_for(todo), deleted=deleted,
+                         within=f"t.modality = {tables.sql_string(modality)}")
         return n_todo, n_deleted
     finally:
         todo.unpersist()

@@ -80,12 +80,21 @@ def test_a_new_category_value_keeps_the_metadata_model_and_rewrites_only_its_art
     first = day(articles, "r1")
     assert (first["articles"], first["new_vocabulary"]) == (20, True)
     before = vectors()
+    # another modality's row of the article removed below: the metadata MERGE is confined to its
+    # own partition (``within``) and leaves it
+    text_row = ("a00", "text", "m", [1.0], 1, "h", "r0")
+    tables.merge(spark, db, tables.ITEM_EMBEDDINGS, spark.createDataFrame([text_row], tables.ITEM_EMBEDDINGS.schema))
     # day N+1: a new product type and a new colour for one new article, one article removed
     second = day([*articles[1:], ("a99", "type9", "colour9")], "r2")
     assert (second["model_id"], second["dim"], second["new_vocabulary"]) == (first["model_id"], first["dim"], False)
     assert second["labels_added"] == 2
     after = vectors()
     assert set(after) == set(before) - {"a00"} | {"a99"}
+    assert [tuple(r) for r in tables.read(spark, db, tables.ITEM_EMBEDDINGS).where("modality = 'text'").collect()] == [
+        tuple(text_row)]
+    with pytest.raises(ValueError, match="within and delete_missing"):
+        tables.merge(spark, db, tables.ITEM_EMBEDDINGS, spark.createDataFrame([text_row], tables.ITEM_EMBEDDINGS.schema),
+                     delete_missing="true", within="t.modality = 'text'")
     assert {a for a, (_, run_id) in after.items() if run_id == "r2"} == {"a99"}  # no other row rewritten
     assert all(after[a] == before[a] for a in after if a != "a99")
     new = np.asarray(after["a99"][0])
