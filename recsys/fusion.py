@@ -26,8 +26,6 @@ from pyspark.sql.types import ArrayType, FloatType, IntegerType, StringType, Str
 
 from recsys import tables
 from recsys.config import Config
-from recsys.encoders.text import model_id as text_model_id
-from recsys.encoders.text import resolve_model_path
 from recsys.knn.params import Segments
 
 logger = logging.getLogger(__name__)
@@ -226,5 +224,10 @@ def current_model_ids(spark: SparkSession, cfg: Config) -> dict[str, str]:
             continue
         ids[row["modality"]] = row["model_id"]
     if cfg.text.enabled:
+        # imported here: recsys.encoders.text imports torch, and the Python workers that run
+        # fuse_vectors' batches import this module (its FusionPart travels with the batches)
+        from recsys.encoders.text import model_id as text_model_id
+        from recsys.encoders.text import resolve_model_path
+
         ids["text"] = text_model_id(resolve_model_path(cfg.text.model), cfg.text.max_length)
     return ids
