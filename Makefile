@@ -30,8 +30,8 @@ run: venv
 	$(VENV)/bin/recsys run --conf $(CONF) $(if $(DATA),--set data.path=$(DATA)) $(ARGS)
 
 # two pytest-xdist workers, each with its own local Spark session. --dist loadscope keeps a module
-# on one worker, so the e2e module's pipeline run happens once; modules are handed out in
-# collection order, which tests/conftest.py sets: the longest first (LONGEST_FIRST).
+# on one worker, so the e2e module's pipeline run happens once; without reordering, tests/e2e (the
+# longest) starts first and the other worker takes the rest.
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 

@@ -21,28 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("RECSYS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-# The modules make test's two xdist workers get first (--dist loadscope --no-loadscope-reorder
-# hands modules out in collection order, one to each free worker): longest first, so the two
-# workers finish together. Durations from .ci/run's slowest-tests list at 3382cb9 (AVX2 machine):
-# e2e set-up 878 s, test_refresh 566, test_evaluate 500 in all, test_images 410, test_ingest 400.
-LONGEST_FIRST = (
-    "tests/e2e/test_hm_pipeline.py",
-    "tests/spark/test_refresh.py",
-    "tests/spark/test_evaluate.py",
-    "tests/spark/test_images.py",
-    "tests/spark/test_ingest.py",
-    "tests/spark/test_knn.py",
-    "tests/spark/test_fusion.py",
-    "tests/spark/test_neighbours_refresh.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Put the modules of :data:`LONGEST_FIRST` first, in that order; the rest keep theirs."""
-    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
-
-
 @pytest.fixture(scope="session")
 def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("warehouse")
