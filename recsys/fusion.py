@@ -224,8 +224,8 @@ def current_model_ids(spark: SparkSession, cfg: Config) -> dict[str, str]:
             continue
         ids[row["modality"]] = row["model_id"]
     if cfg.text.enabled:
-        # imported here: recsys.encoders.text imports torch, and the Python workers that run
-        # fuse_vectors' batches import this module (its FusionPart travels with the batches)
+        # imported here: recsys.encoders.text imports torch (5 s on 2 cores), and a Python worker
+        # that unpickles fuse_vectors' FusionPart objects imports this module
         from recsys.encoders.text import model_id as text_model_id
         from recsys.encoders.text import resolve_model_path
 

@@ -6,8 +6,6 @@ rows a predicate selects, in one Delta commit), so readers always see a complete
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -340,49 +338,41 @@ def ensure_tables(spark: SparkSession, database: str) -> None:
 
     An existing table that lacks a column the current schema declares (a table written by an
     older recsys) gets it added, nullable, with ``ALTER TABLE ... ADD COLUMNS``; other
-    differences are left for Delta to reject on write. The tables are checked or created
-    :data:`ENSURE_THREADS` at a time (each is a few small Delta and metastore calls, mostly
-    waiting: about 9.5 s one after the other for the existing tables of a database on 2 cores).
-
-    Raises:
-        Whatever the first failing table's check or creation raised (Delta's or the metastore's error).
+    differences are left for Delta to reject on write.
     """
     spark.sql(f"CREATE DATABASE IF NOT EXISTS {database}")
-    with concurrent.futures.ThreadPoolExecutor(ENSURE_THREADS, thread_name_prefix="ensure-tables") as pool:
-        list(pool.map(functools.partial(_ensure_table, spark, database), ALL_TABLES))
-
-
-ENSURE_THREADS = 4
-
-
-def _ensure_table(spark: SparkSession, database: str, spec: TableSpec) -> None:
-    """One table of :func:`ensure_tables`: created, or given its missing columns and properties."""
-    name = qualified(database, spec)
-    if spark.catalog.tableExists(name):
-        present = {f.name for f in spark.table(name).schema.fields}
-        missing = [f for f in spec.schema.fields if f.name not in present]
-        if missing:
-            columns = ", ".join(
-                f"`{f.name}` {f.dataType.simpleString()} COMMENT '{f.metadata.get('comment', '')}'" for f in missing
-            )
-            spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({columns})")
-            logger.info("table %s: added column(s) %s", name, [f.name for f in missing])
-        wanted = spec.properties()
-        if wanted:
-            row = DeltaTable.forName(spark, name).detail().select("properties").first()
-            have = row[0] if row is not None else {}
-            missing_properties = {k: v for k, v in wanted.items() if have.get(k) != v}
-            if missing_properties:
-                settings = ", ".join(f"'{k}' = '{v}'" for k, v in missing_properties.items())
-                spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ({settings})")
-                logger.info("table %s: set %s", name, settings)
-        return
-    builder = DeltaTable.createIfNotExists(spark).tableName(name).addColumns(spec.schema).comment(spec.comment)
-    for key, value in spec.properties().items():
-        builder = builder.property(key, value)
-    if spec.partition_by:
-        builder = builder.partitionedBy(*spec.partition_by)
-    builder.execute()
+    for spec in ALL_TABLES:
+        name = qualified(database, spec)
+        if spark.catalog.tableExists(name):
+            present = {f.name for f in spark.table(name).schema.fields}
+            missing = [f for f in spec.schema.fields if f.name not in present]
+            if missing:
+                columns = ", ".join(
+                    f"`{f.name}` {f.dataType.simpleString()} COMMENT '{f.metadata.get('comment', '')}'" for f in missing
+                )
+                spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({columns})")
+                logger.info("table %s: added column(s) %s", name, [f.name for f in missing])
+            wanted = spec.properties()
+            if wanted:
+                row = DeltaTable.forName(spark, name).detail().select("properties").first()
+                have = row[0] if row is not None else {}
+                missing_properties = {k: v for k, v in wanted.items() if have.get(k) != v}
+                if missing_properties:
+                    settings = ", ".join(f"'{k}' = '{v}'" for k, v in missing_properties.items())
+                    spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ({settings})")
+                    logger.info("table %s: set %s", name, settings)
+            continue
+        builder = (
+            DeltaTable.createIfNotExists(spark)
+            .tableName(qualified(database, spec))
+            .addColumns(spec.schema)
+            .comment(spec.comment)
+        )
+        for key, value in spec.properties().items():
+            builder = builder.property(key, value)
+        if spec.partition_by:
+            builder = builder.partitionedBy(*spec.partition_by)
+        builder.execute()
 
 
 def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
