@@ -145,7 +145,8 @@ def _rejects(bad: DataFrame, path: str, reason: Column) -> DataFrame:
 
 
 def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
-    """Read the configured source into the Delta tables.
+    """Read the configured source into the Delta tables (which must exist:
+    :func:`recsys.pipeline.run` creates them with :func:`recsys.tables.ensure_tables` first).
 
     Nothing is lost without notice: after the writes, one aggregate per table counts the rows
     each write committed (the articles ``articles`` holds, the file's customers ``customers``
@@ -171,7 +172,6 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         RuntimeError: a file's input lines are not all in its table or in quarantine after the
             writes, naming the file and the counts (rows were lost).
     """
-    tables.ensure_tables(spark, cfg.data.database)
     root = cfg.data.path.rstrip("/")
     db = cfg.data.database
     reads: list[SourceRead] = []

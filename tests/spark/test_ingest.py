@@ -11,11 +11,21 @@ from pyspark.sql import functions as F
 from recsys import tables
 from recsys.sources.base import SourceError
 from recsys.stages import ingest as ingest_module
-from recsys.stages.ingest import run as ingest
+from recsys.stages.ingest import run as ingest_run
 from tests.conftest import REPO, cache_is_empty, test_config
 from tests.spark.hm_fixture import write_fashion, write_hm
 
 pytestmark = pytest.mark.spark
+
+_ENSURED: set[str] = set()
+
+
+def ingest(spark, cfg, run_id: str) -> dict:  # type: ignore[no-untyped-def]
+    """The ingest stage, after creating its database's tables once (as ``pipeline.run`` does)."""
+    if cfg.data.database not in _ENSURED:
+        tables.ensure_tables(spark, cfg.data.database)
+        _ENSURED.add(cfg.data.database)
+    return ingest_run(spark, cfg, run_id)
 
 
 def quarantined(spark, db: str, run_id: str) -> dict[str, list[tuple[int, str]]]:  # type: ignore[no-untyped-def]
