@@ -210,7 +210,6 @@ def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> 
             "content_hash",
             F.lit(run_id).alias("run_id"),
         )
-        tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors, within="t.modality = 'image'")
         rejects = results.where(F.col("r.error").isNotNull()).select(
             F.lit(run_id).alias("run_id"),
             F.col("image_path").alias("source"),
@@ -221,6 +220,8 @@ def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> 
             F.current_timestamp().alias("quarantined_at"),
         )
         quarantined = rejects.count()
+        if quarantined < n_todo:  # no commit when every image of the day was unusable
+            tables.merge(spark, db, tables.ITEM_EMBEDDINGS, vectors, within="t.modality = 'image'")
         if quarantined:
             tables.merge(spark, db, tables.QUARANTINE, rejects, insert_only=True)
             for r in rejects.limit(5).collect():
