@@ -10,7 +10,10 @@ tests/spark/test_evaluate.py, tests/spark/test_knn.py).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -64,6 +67,7 @@ def write_slice(source: Path, target: Path, n: int) -> set[str]:
 class Run:
     ids: set[str]
     root: Path
+    warehouse: Path
     reports: Path
     settings_before: dict[str, str]
     settings_after: dict[str, str]
@@ -101,7 +105,7 @@ def hm_run(spark, warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         ]
     )
     assert code == 0
-    return Run(ids, root, base / "reports", before, runtime_settings(spark), cache_is_empty(spark), repo_before,
+    return Run(ids, root, warehouse, base / "reports", before, runtime_settings(spark), cache_is_empty(spark), repo_before,
                {p.name for p in REPO.iterdir()})
 
 
@@ -242,3 +246,68 @@ def test_evaluate_figures_equal_a_brute_force_recount(spark, hm_run: Run) -> Non
 
     html = (hm_run.reports / "e2e" / "index.html").read_text(encoding="utf-8")
     assert "MAP@12" in html and "data:image/png;base64," in html and "data:image/jpeg;base64," in html
+
+
+def test_the_trained_classifier_is_recounted_and_a_current_checkpoint_is_kept(spark, hm_run: Run) -> None:  # type: ignore[no-untyped-def]
+    """The petastorm training of this run: the loss falls; the classes and the held-out accuracy
+    and macro-F1 are recounted here from the slice's articles.csv, its image files and the
+    checkpoint (scikit-learn); the ``latest`` pointer names the checkpoint, whose backbone serves
+    the image vectors; a second train with the same images and recipe keeps it."""
+    import torch
+
+    from recsys.config import load_config
+    from recsys.encoders.image import load_backbone, read_checkpoint
+    from recsys.pipeline import run
+    from recsys.training import holdout_column
+
+    report = json.loads(tables_row(spark, "runs", "report"))
+    trained = report["train"]
+    cfg = load_config("hm", [f"data.path={hm_run.root}", f"data.database={DB}",
+                             f"spark.warehouse_dir={hm_run.warehouse}"])
+    losses = trained["epoch_loss"]
+    assert len(losses) == cfg.train.epochs and losses[-1] < losses[0] - 0.1, losses
+    checkpoint = read_checkpoint(trained["checkpoint"])
+    assert checkpoint["arch"] == cfg.image.arch and checkpoint["metrics"]["holdout_macro_f1"] == trained["holdout_macro_f1"]
+
+    # product group (product_code) and label (product_group_name) of every article with an image file
+    with open(hm_run.root / "articles.csv", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    image = {r["article_id"]: hm_run.root / "images" / r["article_id"][:3] / f"{r['article_id']}.jpg" for r in rows}
+    with_file = sorted((r["article_id"], r["product_code"], r["product_group_name"]) for r in rows
+                       if r["product_group_name"] and image[r["article_id"]].is_file())
+    groups = sorted({g for _, g, _ in with_file})
+    held_out = {r["g"] for r in spark.createDataFrame([(g,) for g in groups], "g string")
+                .where(holdout_column(F.col("g"), cfg.train.seed, cfg.train.holdout)).collect()}
+    counts = Counter(label for _, g, label in with_file if g not in held_out)
+    kept = sorted(c for c, n in counts.items() if n >= cfg.train.min_class_count)
+    assert checkpoint["classes"] == kept + (["other"] if len(kept) < len(counts) else [])
+    index = {c: i for i, c in enumerate(checkpoint["classes"])}
+    scored_ids = [(a, label) for a, g, label in with_file if g in held_out]
+    accuracy, macro, scored = reference.classifier_scores(
+        trained["checkpoint"], [image[a].read_bytes() for a, _ in scored_ids],
+        [index.get(label, index.get("other", -1)) for _, label in scored_ids])
+    assert trained["holdout_images"] == len(scored_ids) and scored > 0
+    assert (trained["holdout_accuracy"], trained["holdout_macro_f1"]) == (pytest.approx(accuracy, abs=1e-4),
+                                                                         pytest.approx(macro, abs=1e-4))
+
+    latest = json.loads((hm_run.warehouse / "models" / "image" / f"latest-{cfg.image.arch}.json").read_text())
+    assert latest["model_id"] == trained["model_id"] and Path(latest["checkpoint"]).is_file()
+    backbone = load_backbone(cfg.image.arch, trained["checkpoint"])
+    with torch.inference_mode():
+        out = backbone(torch.zeros(1, 3, cfg.image.height, cfg.image.width))
+    dims = {r["dim"] for r in spark.table(f"{DB}.item_embeddings").where("modality = 'image'").select("dim").collect()}
+    assert dims == {out.shape[1]}
+    assert report["embed"]["image"]["model_id"].startswith(trained["model_id"] + "@")
+
+    # the same images and recipe: training is skipped and the checkpoint kept, also when asked
+    # to retrain on new images (the labelled images are the same, so the recipe matches too)
+    second = run(spark, cfg, "e2e-train", ("train",))["train"]
+    assert second["skipped"] == "checkpoint is current" and second["model_id"] == trained["model_id"]
+    recheck = run(spark, cfg.model_copy(update={"train": cfg.train.model_copy(update={"retrain_on_new_images": True})}),
+                  "e2e-train", ("train",))["train"]
+    assert recheck["skipped"] == "checkpoint is current" and recheck["model_id"] == trained["model_id"]
+
+
+def tables_row(spark, table: str, column: str) -> str:  # type: ignore[no-untyped-def]
+    """``column`` of the e2e run's row in ``table``."""
+    return spark.table(f"{DB}.{table}").where("run_id = 'e2e'").select(column).first()[0]

@@ -143,6 +143,8 @@ def test_evaluation_lists_do_not_see_the_validation_week(spark, warehouse: Path)
     cfg = test_config(
         warehouse, db, "text.enabled=false", "image.enabled=false",
         "behaviour.min_purchases=1", "behaviour.max_iter=5", "evaluate.leave_one_out=true",
+        # 30 articles: all pairs, without fitting an LSH index for every list (LSH: tests/spark/test_knn.py)
+        "knn.backend=exact",
     )
     tables.ensure_tables(spark, db)  # type: ignore[attr-defined]
     # content vectors for p00..p29 (q00 has none): one-hot of the article number mod 5
