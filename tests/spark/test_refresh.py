@@ -140,9 +140,12 @@ def test_an_incremental_day_killed_and_rerun_equals_a_full_recompute_and_readers
     done = threading.Event()
 
     def reader() -> None:
+        # a read every few seconds, not back to back: each read is Spark jobs that compete with
+        # the run they watch for this session's two task slots (65 reads in its 146 s without)
         while not done.is_set():
             reads.append((*whole_lists(spark, "refresh_a", tables.ITEM_RECOMMENDATIONS, "article_id"),
                           *whole_lists(spark, "refresh_a", tables.CUSTOMER_RECOMMENDATIONS, "customer_id")))
+            done.wait(3.0)
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
