@@ -47,6 +47,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
 
 
+# Spark settings for the tests' small inputs (the test session's and the killed refresh
+# driver's): no whole-stage code generation, no adaptive query execution.
+TEST_SPEED = {"spark.sql.codegen.wholeStage": "false", "spark.sql.adaptive.enabled": "false"}
+
+
 @pytest.fixture(scope="session")
 def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("warehouse")
@@ -68,9 +73,13 @@ def spark(warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "spark.driver_memory=3g",
             f"spark.warehouse_dir={warehouse}",
             # Delta rebuilds a table's snapshot with 50 tasks by default: for the tests' small
-            # tables that is most of a commit's time (measured: a tiny ingest 48 s -> 21 s)
-            "spark.conf={spark.ui.enabled: 'false', spark.sql.adaptive.coalescePartitions.enabled: 'true', "
-            "spark.databricks.delta.snapshotPartitions: '2'}",
+            # tables that is most of a commit's time (measured: a tiny ingest 48 s -> 21 s).
+            # TEST_SPEED: the tests' queries run on a few hundred rows, where compiling each new
+            # plan (whole-stage code generation) and re-planning it between stages (adaptive
+            # execution) cost more than running it; the same results either way (measured on
+            # test_evaluation_lists_do_not_see_the_validation_week alone: 152-164 s -> 120 s)
+            "spark.conf={spark.ui.enabled: 'false', spark.databricks.delta.snapshotPartitions: '2', "
+            + ", ".join(f"{k}: '{v}'" for k, v in TEST_SPEED.items()) + "}",
         ],
     )
     # the basetemp's parent is shared by all xdist workers of this run

@@ -141,7 +141,7 @@ def test_an_incremental_day_killed_and_rerun_equals_a_full_recompute_and_readers
 
     def reader() -> None:
         # a read every few seconds, not back to back: each read is Spark jobs that compete with
-        # the run they watch for this session's two task slots (65 reads in its 146 s without)
+        # the run they watch for this session's two task slots (with a 1 s pause: 65 reads in the run's 146 s)
         while not done.is_set():
             reads.append((*whole_lists(spark, "refresh_a", tables.ITEM_RECOMMENDATIONS, "article_id"),
                           *whole_lists(spark, "refresh_a", tables.CUSTOMER_RECOMMENDATIONS, "customer_id")))
