@@ -48,10 +48,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # Spark settings for the tests' small inputs (the test session's and the killed refresh
-# driver's): no whole-stage code generation, no adaptive query execution, no per-file column
-# statistics on Delta writes (used only to skip files when reading; a tiny table is read whole).
-TEST_SPEED = {"spark.sql.codegen.wholeStage": "false", "spark.sql.adaptive.enabled": "false",
-              "spark.databricks.delta.stats.collect": "false"}
+# driver's). UI off. Delta rebuilds a table's snapshot with 50 tasks by default: for the tests'
+# small tables that is most of a commit's time (a tiny ingest 48 s -> 21 s). On a few hundred
+# rows, compiling each new plan (whole-stage code generation) and re-planning it between stages
+# (adaptive execution) cost more than running it (test_evaluation_lists_... alone 152-164 s ->
+# 120 s), and Delta's per-file column statistics only serve to skip files of large tables
+# (test_rerun_leaves_the_same_tables alone 123 s -> 107 s). The results are the same.
+TEST_SPARK_CONF = {
+    "spark.ui.enabled": "false",
+    "spark.databricks.delta.snapshotPartitions": "2",
+    "spark.sql.codegen.wholeStage": "false",
+    "spark.sql.adaptive.enabled": "false",
+    "spark.databricks.delta.stats.collect": "false",
+}
+
+
+def spark_conf_override(extra: dict[str, str] | None = None) -> str:
+    """The ``spark.conf=...`` override (``--set``) of :data:`TEST_SPARK_CONF` plus ``extra``."""
+    settings = {**TEST_SPARK_CONF, **(extra or {})}
+    return "spark.conf={" + ", ".join(f"{k}: '{v}'" for k, v in settings.items()) + "}"
 
 
 @pytest.fixture(scope="session")
@@ -74,14 +89,7 @@ def spark(warehouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "spark.shuffle_partitions=2",
             "spark.driver_memory=3g",
             f"spark.warehouse_dir={warehouse}",
-            # Delta rebuilds a table's snapshot with 50 tasks by default: for the tests' small
-            # tables that is most of a commit's time (measured: a tiny ingest 48 s -> 21 s).
-            # TEST_SPEED: the tests' queries run on a few hundred rows, where compiling each new
-            # plan (whole-stage code generation) and re-planning it between stages (adaptive
-            # execution) cost more than running it; the same results either way (measured on
-            # test_evaluation_lists_do_not_see_the_validation_week alone: 152-164 s -> 120 s)
-            "spark.conf={spark.ui.enabled: 'false', spark.databricks.delta.snapshotPartitions: '2', "
-            + ", ".join(f"{k}: '{v}'" for k, v in TEST_SPEED.items()) + "}",
+            spark_conf_override(),
         ],
     )
     # the basetemp's parent is shared by all xdist workers of this run

@@ -17,7 +17,7 @@ from recsys import tables
 from recsys.config import load_config
 from recsys.pipeline import RUN_STAGES, run
 from recsys.session import build_spark
-from tests.conftest import TEST_SPEED
+from tests.conftest import spark_conf_override
 
 
 def main(argv: list[str]) -> int:
@@ -25,9 +25,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_config("local", [
         *spec["overrides"],
-        "spark.conf={spark.ui.enabled: 'false', spark.sql.catalogImplementation: in-memory, "
-        "spark.databricks.delta.snapshotPartitions: '2', "
-        + ", ".join(f"{k}: '{v}'" for k, v in TEST_SPEED.items()) + "}",
+        spark_conf_override({"spark.sql.catalogImplementation": "in-memory"}),
     ])
     spark = build_spark(cfg)
     database = spec["database"]
