@@ -315,24 +315,6 @@ def qualified(database: str, spec: TableSpec) -> str:
     return f"{database}.{spec.name}"
 
 
-def changes_since(spark: SparkSession, database: str, spec: TableSpec, version: int) -> DataFrame | None:
-    """The rows changed after ``version`` (Delta's change data feed: the table's columns plus
-    ``_change_type`` insert / delete / update_preimage / update_postimage), or ``None`` when
-    the feed cannot answer (it was off for some of those versions, or they were vacuumed)."""
-    name = qualified(database, spec)
-    latest = first_row(DeltaTable.forName(spark, name).history(1))["version"]
-    try:
-        if version >= latest:
-            return spark.table(name).limit(0).withColumn("_change_type", F.lit(None).cast("string"))
-        df = spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", version + 1) \
-            .option("endingVersion", latest).table(name)
-        df.limit(1).collect()  # an unanswerable range fails here
-        return df
-    except Exception as err:  # noqa: BLE001 - Delta raises several kinds (AnalysisException, DeltaAnalysisException)
-        logger.info("%s: no change data feed after version %d (%s)", name, version, str(err).splitlines()[0][:200])
-        return None
-
-
 def ensure_tables(spark: SparkSession, database: str) -> None:
     """Create the database and every table in :data:`ALL_TABLES` if missing.
 

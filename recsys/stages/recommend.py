@@ -26,13 +26,12 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     a removed article), so readers see the previous lists or the new ones, never a mix.
 
     Skips (and says so) when ``item_neighbours`` and ``item_recommendations`` kept their rows
-    since its last run with the same ``knn.modalities``. When only ``item_neighbours`` changed
-    since then, its change data feed names the articles whose lists changed, and only those are
-    read and merged (``changed_lists``); otherwise every list is.
+    since its last run with the same ``knn.modalities``. Otherwise every list is compared (the
+    neighbours stage replaces a modality's slice in one write, so ``item_neighbours``' change
+    data feed would name every row of it).
 
     Returns:
-        ``{source_modality, articles, rows, changed_lists}`` (``changed_lists`` None: every list
-        read), or ``{skipped}``.
+        ``{source_modality, articles, rows}``, or ``{skipped}``.
 
     Raises:
         RuntimeError: no neighbours have been computed yet.
@@ -51,20 +50,7 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     if last is not None:
         logger.info("recommend: item_neighbours unchanged since run %s, skipped", last)
         return {"skipped": f"inputs unchanged since run {last}"}
-    chosen = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality)
-    # the lists that changed since the last run, from item_neighbours' change data feed, when
-    # this table was written from the same source since then; otherwise every list
-    previous = state.consumed(spark, db, STAGE)
-    changes = None
-    if (previous.fingerprints == settings and "item_neighbours" in previous.versions
-            and not state.data_changed(spark, db, tables.ITEM_RECOMMENDATIONS,
-                                       previous.versions.get("item_recommendations", -1))):
-        changes = tables.changes_since(spark, db, tables.ITEM_NEIGHBOURS, previous.versions["item_neighbours"])
-    if changes is not None:
-        touched = changes.where(F.col("modality") == modality).select("article_id").distinct().persist()
-        chosen = chosen.join(touched, "article_id", "left_semi")
-        deleted = tables.read(spark, db, tables.ITEM_RECOMMENDATIONS).join(touched, "article_id", "left_semi")
-    rows = chosen.select(
+    rows = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality") == modality).select(
         "article_id",
         "rank",
         F.col("neighbour_id").alias("recommended_id"),
@@ -72,20 +58,11 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         F.coalesce("modality_scores", F.create_map(F.lit(modality), F.col("score"))).alias("modality_scores"),
         F.lit(run_id).alias("run_id"),
     )
-    if changes is None:
-        tables.merge(spark, db, tables.ITEM_RECOMMENDATIONS, rows, only_changed=True, delete_missing="true")
-        changed_lists = None
-    else:
-        changed_lists = touched.count()
-        if changed_lists:
-            tables.merge(spark, db, tables.ITEM_RECOMMENDATIONS, rows, only_changed=True, deleted=deleted)
-        touched.unpersist()
+    tables.merge(spark, db, tables.ITEM_RECOMMENDATIONS, rows, only_changed=True, delete_missing="true")
     state.record(spark, db, STAGE, run_id, {**consumed, **state.versions(spark, db, OUTPUTS)}, settings)
     counts = tables.first_row(
         tables.read(spark, db, tables.ITEM_RECOMMENDATIONS)
         .agg(F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles"))
     )
-    logger.info("recommend: %d articles, %d rows (from %s neighbours; %s)", counts["articles"], counts["rows"],
-                modality, "every list" if changed_lists is None else f"{changed_lists} changed lists")
-    return {"source_modality": modality, "articles": int(counts["articles"]), "rows": int(counts["rows"]),
-            "changed_lists": changed_lists}
+    logger.info("recommend: %d articles, %d rows (from %s neighbours)", counts["articles"], counts["rows"], modality)
+    return {"source_modality": modality, "articles": int(counts["articles"]), "rows": int(counts["rows"])}
