@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nneighbours per modality, incremental N+1 (mode, seconds, reason):", json.dumps(
         {m: (v.get("mode"), v.get("seconds"), v.get("reason")) for m, v in incremental["neighbours"].items()
          if isinstance(v, dict)}, indent=1),
-        f"\n  one MERGE for all modalities {incremental['neighbours'].get('write_seconds')} s, "
+        f"\n  one write for all modalities {incremental['neighbours'].get('write_seconds')} s, "
         f"measures {incremental['neighbours'].get('measure_seconds')} s")
     print("embed, incremental N+1 (seconds; metadata encoded, fused):", json.dumps(
         {m: v.get("seconds") for m, v in incremental["embed"].items() if isinstance(v, dict)}),
