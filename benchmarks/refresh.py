@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.replay:
         day = json.loads(saved.read_text())
+        if day.get("articles") != args.articles:
+            parser.error(f"--replay: {saved} holds a day N of --articles {day.get('articles')}, not {args.articles}")
         timings["full N"] = day["timings"]
         specs = {spec.name: spec for spec in tables.ALL_TABLES}
         for table, version in day["versions"].items():
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         write_day(source, files, days, next_day=False)
         timed("full N", config("refresh_a"), day_n)
-        saved.write_text(json.dumps({"timings": timings["full N"], "versions": {
+        saved.write_text(json.dumps({"articles": args.articles, "timings": timings["full N"], "versions": {
             spec.name: state.table_version(spark, "refresh_a", spec) for spec in tables.ALL_TABLES}}))
     write_day(source, files, days, next_day=True)
     incremental = timed("incremental N+1", config("refresh_a"), day_n1)

@@ -108,6 +108,15 @@ def test_incremental_day_equals_a_full_recompute_with_the_saved_index(spark, war
     for article, rows in expected.items():
         assert [n for n, _ in got[article]] == [n for n, _ in rows], article
         assert np.allclose([s for _, s in got[article]], [s for _, s in rows], atol=1e-6), article
+    # one write replaced the modality's slice: a rewritten list carries day 2, the others were
+    # copied as they were (day 1); every list that differs from day 1 was rewritten
+    run_ids: dict[str, set[str]] = {}
+    for r in tables.read(spark, DB, tables.ITEM_NEIGHBOURS).select("article_id", "run_id").collect():
+        run_ids.setdefault(r["article_id"], set()).add(r["run_id"])
+    assert all(len(r) == 1 for r in run_ids.values())
+    kept = {a for a, r in run_ids.items() if r == {"day-1"}}
+    assert kept and len(kept) < len(catalogue) and all(got[a] == written[a] for a in kept)
+    assert all(run_ids[a] == {"day-2"} for a in catalogue if a not in written or got[a] != written[a])
     # the day's changes reached lists of unchanged articles
     gained = sum(any(int(n[1:]) >= 600 for n, _ in got[a]) for a in catalogue if int(a[1:]) < 100)
     assert gained > 0
