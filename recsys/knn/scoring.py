@@ -25,7 +25,7 @@ from recsys.knn.arrow import (
     task_threads,
     vectors_of,
 )
-from recsys.knn.kernels import merge_top_k, score_cells, segment_cosines
+from recsys.knn.kernels import merge_top_k, pair_segment_cosines, score_cells, segment_cosines
 from recsys.knn.params import Segments
 from recsys.tables import first_row
 
@@ -152,7 +152,7 @@ def score_cell_rows(rows: DataFrame, dim: int, k: int, max_bucket: int, seed: in
             off = col.offsets.to_numpy()
             spans.append((np.repeat(np.arange(len(col), dtype=np.int64), np.diff(off)), col.flatten().to_numpy()))
         result = score_cells(vec, ids, spans[0], spans[1], k, max_bucket, vec @ order_plane, block_size)
-        seg = segment_cosines(vec[result.rows], vec[result.cols], segments) if n_seg else None
+        seg = pair_segment_cosines(vec, result.rows, result.cols, segments) if n_seg else None
         # a grouped function's result must match the schema exactly (list<element: float not null>)
         return pa.Table.from_batches([pairs_batch(ids[result.rows], ids[result.cols], result.scores, seg)]).cast(
             pair_schema_arrow)

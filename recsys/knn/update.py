@@ -22,7 +22,7 @@ from pyspark.sql.types import IntegerType, StructField, StructType
 from recsys.knn.arrow import pair_schema, pairs_batch, task_threads, vectors_of
 from recsys.knn.exact import top_up
 from recsys.knn.index import cell_keys, largest_bucket, probed_cells
-from recsys.knn.kernels import CellResult, merge_top_k, score_cells, segment_cosines
+from recsys.knn.kernels import CellResult, merge_top_k, pair_segment_cosines, score_cells
 from recsys.knn.params import LSHIndex, Segments
 from recsys.knn.scoring import materialised, merge_pairs, named, per_core, prepare
 from recsys.knn.search import top_k
@@ -287,7 +287,7 @@ def _scorer(queries: _Shipped, changed: _Shipped, dim: int, k: int, index: LSHIn
             return
         keep, _ = merge_top_k(ids[rows], ids[cols], scores, k)
         rows, cols, scores = rows[keep], cols[keep], scores[keep]
-        seg = segment_cosines(vec[rows], vec[cols], segments) if segments else None
+        seg = pair_segment_cosines(vec, rows, cols, segments) if segments else None
         batch = pairs_batch(ids[rows], ids[cols], scores, seg)
         yield pa.RecordBatch.from_arrays([*batch.columns, pa.array(np.full(len(rows), kind, np.int32))],
                                          names=[*batch.schema.names, "kind"])

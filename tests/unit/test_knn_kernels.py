@@ -10,6 +10,7 @@ from recsys.knn.kernels import (
     exact_top_k,
     hyperplanes,
     merge_top_k,
+    pair_segment_cosines,
     score_cells,
     segment_cosines,
     spherical_kmeans,
@@ -170,3 +171,17 @@ def test_segment_cosines_recovers_modality_scores_and_nan_for_missing() -> None:
     out = segment_cosines(a, b, (("text", 0, 2), ("metadata", 2, 4)))
     assert out[0, 0] == pytest.approx(1.0)
     assert np.isnan(out[0, 1])
+
+
+def test_pair_segment_cosines_equals_the_gathered_pairs_across_chunks() -> None:
+    rng = np.random.default_rng(3)
+    vec = rng.standard_normal((40, 10)).astype(np.float32)
+    vec[::3, 4:8] = 0  # every third row lacks the middle segment: NaN there
+    segments = (("a", 0, 4), ("b", 4, 8), ("c", 8, 10))
+    rows, cols = rng.integers(0, 40, 25), rng.integers(0, 40, 25)
+    expected = segment_cosines(vec[rows], vec[cols], segments)
+    got = pair_segment_cosines(vec, rows, cols, segments, chunk=7)  # 4 chunks, the last one short
+    assert got.shape == (25, 3) and got.dtype == np.float32
+    assert np.isnan(expected[:, 1]).any() and (np.isnan(got) == np.isnan(expected)).all()
+    np.testing.assert_allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=0, atol=1e-6)
+    assert pair_segment_cosines(vec, rows[:0], cols[:0], segments).shape == (0, 3)
