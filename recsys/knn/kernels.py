@@ -133,23 +133,22 @@ def top_k_fast(
 
 
 def segment_cosines(a: np.ndarray, b: np.ndarray, segments: Segments) -> np.ndarray:
-    """Cosine of each row pair within each segment: ``(p, len(segments))``, NaN where either
-    side's segment is all zeros (the article lacks that modality)."""
-    out = np.full((a.shape[0], len(segments)), np.nan, dtype=np.float32)
-    for j, (_, lo, hi) in enumerate(segments):
-        sa, sb = a[:, lo:hi], b[:, lo:hi]
-        na, nb = np.linalg.norm(sa, axis=1), np.linalg.norm(sb, axis=1)
-        ok = (na > 0) & (nb > 0)
-        out[ok, j] = np.einsum("ij,ij->i", sa[ok], sb[ok]) / (na[ok] * nb[ok])
-    return out
+    """Cosine of each row pair ``(a[i], b[i])`` within each segment: ``(p, len(segments))``, NaN
+    where either side's segment is all zeros (the article lacks that modality); see
+    :func:`pair_segment_cosines`."""
+    n = a.shape[0]
+    return pair_segment_cosines(np.concatenate([a, b]), np.arange(n), np.arange(n, 2 * n), segments)
 
 
 def pair_segment_cosines(vec: np.ndarray, rows: np.ndarray, cols: np.ndarray, segments: Segments,
                           chunk: int = 1024) -> np.ndarray:
-    """:func:`segment_cosines` of the row pairs ``(vec[rows[i]], vec[cols[i]])`` without gathering
-    every pair's rows at once: each segment's norm is computed once per row of ``vec``, and the
-    pairs are taken ``chunk`` at a time (two ``(chunk, d)`` gathers). For the fused vectors of
-    an update's task (~100k pairs of 1,396 floats) the whole-pair gathers were two 0.6 GB copies.
+    """Cosine of each row pair ``(vec[rows[i]], vec[cols[i]])`` within each segment (the
+    modalities of a fused vector), NaN where either side's segment is all zeros.
+
+    Each segment's norm is computed once per row of ``vec`` and the pairs are taken ``chunk`` at
+    a time (two ``(chunk, d)`` gathers): gathering every pair's rows first, with norms per pair,
+    took 3-5x as long and, for one update task's ~100k fused pairs, two 0.6 GB copies
+    (``benchmarks/segment_cosines.py``).
 
     Args:
         vec: ``(n, d)`` float32; rows, cols: ``(p,)`` int row numbers into ``vec``.

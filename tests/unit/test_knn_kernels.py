@@ -173,15 +173,21 @@ def test_segment_cosines_recovers_modality_scores_and_nan_for_missing() -> None:
     assert np.isnan(out[0, 1])
 
 
-def test_pair_segment_cosines_equals_the_gathered_pairs_across_chunks() -> None:
+def test_pair_segment_cosines_equals_each_pairs_own_cosines_across_chunks() -> None:
     rng = np.random.default_rng(3)
     vec = rng.standard_normal((40, 10)).astype(np.float32)
     vec[::3, 4:8] = 0  # every third row lacks the middle segment: NaN there
     segments = (("a", 0, 4), ("b", 4, 8), ("c", 8, 10))
     rows, cols = rng.integers(0, 40, 25), rng.integers(0, 40, 25)
-    expected = segment_cosines(vec[rows], vec[cols], segments)
     got = pair_segment_cosines(vec, rows, cols, segments, chunk=7)  # 4 chunks, the last one short
     assert got.shape == (25, 3) and got.dtype == np.float32
-    assert np.isnan(expected[:, 1]).any() and (np.isnan(got) == np.isnan(expected)).all()
-    np.testing.assert_allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=0, atol=1e-6)
+    for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        for j, (_, lo, hi) in enumerate(segments):
+            x, y = vec[r, lo:hi].astype(np.float64), vec[c, lo:hi].astype(np.float64)
+            if not x.any() or not y.any():
+                assert np.isnan(got[i, j]), (i, j)
+            else:
+                assert got[i, j] == pytest.approx(x @ y / np.linalg.norm(x) / np.linalg.norm(y), abs=1e-6), (i, j)
+    assert np.isnan(got[:, 1]).any()
     assert pair_segment_cosines(vec, rows[:0], cols[:0], segments).shape == (0, 3)
+    assert segment_cosines(vec[:0], vec[:0], segments).shape == (0, 3)
