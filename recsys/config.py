@@ -190,6 +190,7 @@ class KNNConfig(_Section):
     refit_share: float = Field(0.1, ge=0.0, le=1.0)
     refit_days: int = Field(30, ge=0, le=100_000)
     recompute: bool = False
+    driver_update_mb: int = Field(1024, ge=0, le=1_000_000)
 
     @field_validator("modalities")
     @classmethod

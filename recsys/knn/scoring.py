@@ -69,27 +69,75 @@ def prepare(vectors: DataFrame) -> tuple[DataFrame, int, int]:
             raise
     finally:
         ranks.unpersist()
-    problem = None
     if stats["n"] == 0:
         return prepared, 0, 0
-    if stats["no_id"]:
-        problem = f"{stats['no_id']} row(s) have no article_id"
-    elif stats[f"n{VECTOR_NULL}"]:
-        problem = f"{stats[f'n{VECTOR_NULL}']} article(s) have a null vector, e.g. article_id {stats[f'id{VECTOR_NULL}']}"
-    elif stats["ids"] != stats["n"]:
-        problem = f"{stats['n'] - stats['ids']} duplicate article_id row(s); one vector per article"
-    elif stats["lo"] != stats["hi"]:
-        problem = f"vectors have different lengths ({stats['lo']}..{stats['hi']})"
-    elif stats[f"n{VECTOR_NONFINITE}"]:
-        problem = (f"{stats[f'n{VECTOR_NONFINITE}']} vector(s) hold NaN, inf or null, "
-                   f"e.g. article_id {stats[f'id{VECTOR_NONFINITE}']}")
-    elif stats[f"n{VECTOR_ZERO}"]:
-        problem = (f"{stats[f'n{VECTOR_ZERO}']} zero vector(s) have no direction, "
-                   f"e.g. article_id {stats[f'id{VECTOR_ZERO}']}")
+    problem = prepared_problem(stats)
     if problem:
         prepared.unpersist()
         raise ValueError(f"knn: {problem}")
     return prepared, int(stats["n"]), int(stats["lo"])
+
+
+def prepared_problem(stats: Any) -> str | None:
+    """What is wrong with a non-empty set of prepared vectors, from their counts (``stats``:
+    a Row or mapping with :func:`_prepared_stats`' fields), or None: rows without an
+    article_id, null vectors, duplicate article_ids, vectors of different lengths, NaN/inf or
+    null elements, or a zero vector, naming how many and one article_id."""
+    if stats["no_id"]:
+        return f"{stats['no_id']} row(s) have no article_id"
+    if stats[f"n{VECTOR_NULL}"]:
+        return f"{stats[f'n{VECTOR_NULL}']} article(s) have a null vector, e.g. article_id {stats[f'id{VECTOR_NULL}']}"
+    if stats["ids"] != stats["n"]:
+        return f"{stats['n'] - stats['ids']} duplicate article_id row(s); one vector per article"
+    if stats["lo"] != stats["hi"]:
+        return f"vectors have different lengths ({stats['lo']}..{stats['hi']})"
+    if stats[f"n{VECTOR_NONFINITE}"]:
+        return (f"{stats[f'n{VECTOR_NONFINITE}']} vector(s) hold NaN, inf or null, "
+                f"e.g. article_id {stats[f'id{VECTOR_NONFINITE}']}")
+    if stats[f"n{VECTOR_ZERO}"]:
+        return (f"{stats[f'n{VECTOR_ZERO}']} zero vector(s) have no direction, "
+                f"e.g. article_id {stats[f'id{VECTOR_ZERO}']}")
+    return None
+
+
+def collect_prepared(vectors: DataFrame) -> tuple[pa.Array, np.ndarray]:
+    """:func:`prepare` on the driver: validate ``(article_id, vector)`` and bring it to the
+    driver, ordered by ``article_id`` (row ``i`` is ``idx`` ``i`` of :func:`prepare`).
+
+    The conversion to float32 bytes runs in the tasks (:func:`recsys.knn.arrow.prepare_batches`),
+    so the driver receives ``n × d × 4`` bytes of binary rows (``spark.driver.maxResultSize``
+    must allow them) and no Arrow lists.
+
+    Returns:
+        ``(article_ids, vectors)``: ``(n,)`` Arrow strings in ascending (byte) order, and
+        ``(n, d)`` float32 (``(0, 0)`` when there are none).
+
+    Raises:
+        ValueError: as :func:`prepare`, with the same messages.
+    """
+    import pyarrow.compute as pc
+
+    keyed = vectors.select("article_id", F.lit(-1).cast("long").alias("idx"), "vector")
+    table = keyed.mapInArrow(prepare_batches, PREPARED_SCHEMA).toArrow()  # type: ignore[arg-type]
+    if table.num_rows == 0:
+        return pa.array([], pa.string()), np.zeros((0, 0), np.float32)
+    ids, flag, dim = (table.column(c).combine_chunks() for c in ("article_id", "flag", "dim"))
+    flags = flag.to_numpy()
+    dims = dim.to_numpy()[flags != VECTOR_NULL]
+    stats: dict[str, Any] = {
+        "n": table.num_rows, "no_id": ids.null_count, "ids": pc.count_distinct(ids).as_py(),
+        "lo": int(dims.min()) if len(dims) else None, "hi": int(dims.max()) if len(dims) else None,
+    }
+    for code in (VECTOR_NULL, VECTOR_NONFINITE, VECTOR_ZERO):
+        these = pc.filter(ids, pa.array(flags == code))
+        stats[f"n{code}"] = int((flags == code).sum())
+        stats[f"id{code}"] = pc.min(these).as_py() if len(these) else None
+    problem = prepared_problem(stats)
+    if problem:
+        raise ValueError(f"knn: {problem}")
+    order = pc.sort_indices(ids).to_numpy()
+    vec = vectors_of(table.column("vec").combine_chunks(), int(stats["lo"]))[order]
+    return ids.take(pa.array(order)), vec
 
 
 def _cached(df: DataFrame) -> DataFrame:

@@ -66,7 +66,8 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
         ``recall_at_k``, ``category_precision_at_k``, ``category_precision_common_at_k``,
         ``probe_macro_f1``, ``probe_accuracy`` (full mode only); an update's ``largest_bucket``
         (measured) or ``largest_bucket_bound`` (not measured: no bucket can have outgrown
-        ``max_bucket_size``); and ``common_articles``.
+        ``max_bucket_size``) and ``on_driver`` (computed on the driver: :func:`fits_driver`);
+        and ``common_articles``.
     """
     db = cfg.data.database
     versions = {"item_embeddings": state.table_version(spark, db, tables.ITEM_EMBEDDINGS),
@@ -352,6 +353,18 @@ def measure(spark: SparkSession, cfg: Config, written: list[Written], common: Da
             for m in modalities}
 
 
+def fits_driver(spark: SparkSession, limit_mb: int, articles: int, dim: int) -> bool:
+    """Whether an update of ``articles`` vectors of ``dim`` float32 runs on the driver: their
+    bytes at most ``limit_mb`` MiB (``knn.driver_update_mb``) and 3/4 of
+    ``spark.driver.maxResultSize`` (0: no limit), which the collected vectors count against."""
+    need = articles * dim * 4
+    size = spark.conf.get("spark.driver.maxResultSize", "1g") or "1g"
+    jvm = spark.sparkContext._jvm
+    assert jvm is not None
+    most = int(jvm.org.apache.spark.network.util.JavaUtils.byteStringAsBytes(size))
+    return need <= limit_mb << 20 and (most == 0 or need <= most * 3 // 4)
+
+
 def _neighbours_of(
     spark: SparkSession, cfg: Config, run_id: str, modality: str, vectors: DataFrame, common: DataFrame,
     model_ids: dict[str, str], previous: state.Consumed | None, changes: Changes | None,
@@ -378,8 +391,10 @@ def _neighbours_of(
     if how.mode == "update":
         assert how.saved is not None and how.changed is not None and how.previous is not None
         bound = how.saved.bucket_bound(how.n_changed)
+        entry["on_driver"] = fits_driver(spark, knn.driver_update_mb, how.saved.articles + how.n_changed,
+                                         how.saved.index.dim)
         update = update_top_k(vectors, how.previous, how.changed, knn.k, how.saved.index, segments,
-                              knn.block_size, knn.exact_block_rows, bucket_bound=bound)
+                              knn.block_size, knn.exact_block_rows, bucket_bound=bound, on_driver=entry["on_driver"])
         result, index_id = update.lists, how.saved.index_id
         entry["vectors"] = update.articles
         if not update.full:

@@ -187,12 +187,28 @@ def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignor
     for article, rows in full.items():
         assert [n for _, n, _ in updated[article]] == [n for _, n, _ in rows], article
         assert np.allclose([s for _, _, s in updated[article]], [s for _, _, s in rows], atol=1e-5)
+    # the same update on the driver: the same lists rewritten, the same rows
+    local = update_top_k(now, before, new_or_changed, 6, index, max_affected_share=1.0, on_driver=True)
+    assert (local.full, local.affected, local.touched, local.removed, local.largest_bucket) == (
+        False, update.affected, update.touched, 30, update.largest_bucket)
+    assert {r["article_id"] for r in local.replaced.collect()} == replaced
+    assert lists(local.lists).keys() == rewritten
+    zero = v2[keep].copy()
+    zero[5] = 0  # the driver's checks are prepare's, with its messages
+    with pytest.raises(ValueError, match=r"1 zero vector\(s\) have no direction, e.g. article_id a00005"):
+        update_top_k(frame(spark, zero, [ids[i] for i in keep]), before, new_or_changed, 6, index, on_driver=True)
+    got = lists(local.applied(before))
+    for article, rows in full.items():
+        assert [n for _, n, _ in got[article]] == [n for _, n, _ in rows], article
+        assert np.allclose([s for _, _, s in got[article]], [s for _, _, s in rows], atol=1e-5)
     # with the default share (30%) the 484 affected lists of 1,470 call for a full search instead
     # a bound above max_bucket_size allows a too-large bucket: measured (a bound within it skips
     # the measure: tests/spark/test_neighbours_refresh.py)
     bound = index.params.max_bucket_size + 1
     fallback = update_top_k(now, before, new_or_changed, 6, index, bucket_bound=bound)
     assert fallback.full and fallback.affected > 0.3 * len(keep) and fallback.largest_bucket == largest(v2[keep])
+    on_driver = update_top_k(now, before, new_or_changed, 6, index, bucket_bound=bound, on_driver=True)
+    assert on_driver.full and (on_driver.affected, on_driver.largest_bucket) == (fallback.affected, fallback.largest_bucket)
     assert {a: [n for _, n, _ in r] for a, r in lists(fallback.applied(before)).items()} == {
         a: [n for _, n, _ in r] for a, r in full.items()}
     # a day that only removes articles: no vector to ship as a candidate, the lists that held a
@@ -203,11 +219,14 @@ def test_incremental_update_equals_full_recompute(spark) -> None:  # type: ignor
     today = top_k(now, 6, index=index).localCheckpoint()
     pruned = update_top_k(later, today, no_change, 6, index)
     assert not pruned.full and pruned.removed == 10 and pruned.touched == 0 and pruned.affected > 0
-    got, want = lists(pruned.applied(today)), lists(top_k(later, 6, index=index))
-    assert got.keys() == want.keys() and len(want) == len(fewer)
-    for article, rows in want.items():
-        assert [n for _, n, _ in got[article]] == [n for _, n, _ in rows], article
-        assert np.allclose([s for _, _, s in got[article]], [s for _, _, s in rows], atol=1e-5)
+    want = lists(top_k(later, 6, index=index))
+    assert len(want) == len(fewer)
+    for way in (pruned, update_top_k(later, today, no_change, 6, index, on_driver=True)):
+        got = lists(way.applied(today))
+        assert not way.full and way.removed == 10 and way.touched == 0 and got.keys() == want.keys()
+        for article, rows in want.items():
+            assert [n for _, n, _ in got[article]] == [n for _, n, _ in rows], article
+            assert np.allclose([s for _, _, s in got[article]], [s for _, _, s in rows], atol=1e-5)
     # the update did real work: unchanged articles gained new neighbours and lost removed ones
     old_lists = lists(before)
     unchanged = [ids[i] for i in keep if i < 100 or 140 <= i < 1400]

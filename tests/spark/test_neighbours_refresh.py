@@ -90,6 +90,7 @@ def test_incremental_day_equals_a_full_recompute_with_the_saved_index(spark, war
     update = neighbours.run(spark, cfg, "day-2")  # type: ignore[arg-type]
     assert (update["metadata"]["mode"], update["metadata"]["changed"], update["metadata"]["removed"]) == ("update", 32, 8)
     assert update["metadata"]["index_id"] == saved.index_id  # the index was reused, not refitted
+    assert update["metadata"]["on_driver"] is True  # 620 vectors fit the driver (knn.driver_update_mb)
     # the buckets were not measured again: the fit's largest plus 32 changed vectors is a bound
     assert saved.index.largest_bucket is not None and saved.index.largest_bucket > 0
     assert update["metadata"]["largest_bucket_bound"] == saved.index.largest_bucket + 32
