@@ -72,7 +72,8 @@ def run(spark: SparkSession, cfg: Config, run_id: str) -> dict[str, Any]:
     db = cfg.data.database
     versions = {"item_embeddings": state.table_version(spark, db, tables.ITEM_EMBEDDINGS),
                 "articles": state.table_version(spark, db, tables.ARTICLES)}
-    settings = {"knn": state.fingerprint(cfg.knn)}
+    # where an update runs (driver or executors) gives the same lists: not a reason to recompute
+    settings = {"knn": state.fingerprint(cfg.knn.model_dump(mode="json", exclude={"driver_update_mb"}))}
     last = state.consumed(spark, db, STAGE)
     previous = last if last.versions and last.fingerprints == settings else None
     model_ids = current_model_ids(spark, cfg)

@@ -160,6 +160,7 @@ def test_an_incremental_day_killed_and_rerun_equals_a_full_recompute_and_readers
     assert incremental["embed"]["image"]["embedded"] == len(days.held_back)  # the new articles' images
     assert incremental["behaviour"]["skipped"].startswith("fitted by run")  # ALS waits for its weekly refit
     assert incremental["neighbours"]["text"]["mode"] == incremental["neighbours"]["image"]["mode"] == "update"
+    assert incremental["neighbours"]["fused"]["on_driver"] is True  # the slice's vectors fit the driver
     articles_before, articles_after = len(days.ids) - len(days.held_back), len(days.ids) - len(days.removed)
     assert len(reads) >= 3 and all(whole_items and whole_customers for _, whole_items, _, whole_customers in reads)
     assert {n for n, _, _, _ in reads} <= {articles_before, articles_after}  # one version or the other, never a mix
