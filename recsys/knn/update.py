@@ -228,7 +228,7 @@ def _update_on_driver(vectors: DataFrame, previous: DataFrame, changed: DataFram
     partition of :func:`_partition_pairs`: what costs the distributed update most on a
     catalogue that fits in the driver (about 20 Spark jobs: ranking the ids, joins that find
     the affected lists, checkpoints, shuffles of candidate pairs) becomes array operations.
-    The new lists come back as a DataFrame of local data. Falls back to the same full search
+    The new lists come back as a local checkpoint of the driver's arrays. Falls back to the same full search
     (on Spark) as the distributed update.
     """
     spark = vectors.sparkSession
@@ -360,7 +360,9 @@ class _Pairs:
 
 
 def _lists_frame(spark: SparkSession, lists: _Pairs, names: pa.Array) -> DataFrame:
-    """Ranked pairs → a DataFrame of :func:`top_k`'s columns (local data)."""
+    """Ranked pairs → a DataFrame of :func:`top_k`'s columns, computed once (a local checkpoint:
+    the stage reads it twice, to write and to measure, and local Arrow data would be converted
+    to rows again on each read; 26 → 20 s of write, 13 → 9 s of measures on the H&M update day)."""
     n_seg = 0 if lists.seg is None else lists.seg.shape[1]
     seg = (list_column(np.arange(len(lists.idx) + 1) * n_seg, lists.seg.ravel(), pa.float32())
            if lists.seg is not None else pa.nulls(len(lists.idx), pa.list_(pa.float32())))
@@ -368,7 +370,7 @@ def _lists_frame(spark: SparkSession, lists: _Pairs, names: pa.Array) -> DataFra
     table = pa.table({"article_id": names.take(pa.array(lists.idx)), "rank": pa.array(rank, pa.int32()),
                       "neighbour_id": names.take(pa.array(lists.nidx)), "score": pa.array(lists.score, pa.float32()),
                       "segment_scores": seg})
-    return spark.createDataFrame(table, LISTS_SCHEMA)
+    return materialised(spark.createDataFrame(table, LISTS_SCHEMA))
 
 
 def _id_frame(spark: SparkSession, articles: pa.Array) -> DataFrame:
