@@ -104,9 +104,10 @@ def collect_prepared(vectors: DataFrame) -> tuple[pa.Array, np.ndarray]:
     """:func:`prepare` on the driver: validate ``(article_id, vector)`` and bring it to the
     driver, ordered by ``article_id`` (row ``i`` is ``idx`` ``i`` of :func:`prepare`).
 
-    The conversion to float32 bytes runs in the tasks (:func:`recsys.knn.arrow.prepare_batches`),
-    so the driver receives ``n × d × 4`` bytes of binary rows (``spark.driver.maxResultSize``
-    must allow them) and no Arrow lists.
+    The driver receives the vectors as Arrow lists (``n × d × 4`` bytes and the offsets:
+    ``spark.driver.maxResultSize`` must allow them) and checks and converts them itself
+    (:func:`recsys.knn.arrow.prepare_batches`): on the H&M fused vectors (99,630 × 1,396) 7.6-8.0 s
+    against 10.8-11.5 s when the tasks converted them to float32 bytes first.
 
     Returns:
         ``(article_ids, vectors)``: ``(n,)`` Arrow strings in ascending (byte) order, and
@@ -117,10 +118,12 @@ def collect_prepared(vectors: DataFrame) -> tuple[pa.Array, np.ndarray]:
     """
     import pyarrow.compute as pc
 
-    keyed = vectors.select("article_id", F.lit(-1).cast("long").alias("idx"), "vector")
-    table = keyed.mapInArrow(prepare_batches, PREPARED_SCHEMA).toArrow()  # type: ignore[arg-type]
-    if table.num_rows == 0:
+    keyed = vectors.select("article_id", F.lit(-1).cast("long").alias("idx"), "vector").toArrow()
+    batches = list(prepare_batches(iter(keyed.to_batches())))
+    del keyed
+    if not batches:
         return pa.array([], pa.string()), np.zeros((0, 0), np.float32)
+    table = pa.Table.from_batches(batches)
     ids, flag, dim = (table.column(c).combine_chunks() for c in ("article_id", "flag", "dim"))
     flags = flag.to_numpy()
     dims = dim.to_numpy()[flags != VECTOR_NULL]
