@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType
 
+from recsys.session import sql_conf
+
 logger = logging.getLogger(__name__)
+
+# Spark packs files into a scan task up to spark.sql.files.maxPartitionBytes, counting each file
+# as at least spark.sql.files.openCostInBytes (default 4 MiB, sized for Parquet files): product
+# images of ~10 KB then go 32 to a task, 449 tasks for H&M's 14k images, where a scan of their
+# sizes and times (no bytes read) takes ~3 s of task scheduling on 2 cores. 64 KiB counts the
+# opening of an image as a read of a few images: ~9 tasks for those 14k files.
+IMAGE_OPEN_COST_BYTES = 64 << 10
+
+
+def image_scans(spark: SparkSession) -> AbstractContextManager[None]:
+    """The block's ``binaryFile`` scans of images plan their tasks with
+    :data:`IMAGE_OPEN_COST_BYTES` as the cost of opening a file (a runtime setting, read when an
+    action runs: wrap the actions, not only where the frames are defined)."""
+    return sql_conf(spark, {"spark.sql.files.openCostInBytes": str(IMAGE_OPEN_COST_BYTES)})
 
 
 def _normalise(path: str) -> str:

@@ -26,7 +26,7 @@ from recsys.encoders.text import resolve_model_path
 from recsys.fusion import current_model_ids, current_vectors, fuse_vectors, modality_dims, plan_layout, save_layout
 from recsys.inference import ImageEmbedderSpec, TextEmbedderSpec, make_image_embedder, make_text_embedder
 from recsys.session import sql_conf
-from recsys.sources.images import image_files
+from recsys.sources.images import image_files, image_scans
 from recsys.sources.schema import TEMPLATE_FIELDS, render_text
 from recsys.training import resolve_image_weights
 
@@ -148,6 +148,11 @@ def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> 
         stale_removed, seconds, images_per_s}``; ``missing_files`` counts articles whose
         ``image_path`` names a file that no longer exists.
     """
+    with image_scans(spark):
+        return _embed_image(spark, cfg, run_id, weights)
+
+
+def _embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> dict[str, Any]:
     db = cfg.data.database
     mid = image_model_id(cfg.image.arch, weights, cfg.image.height, cfg.image.width, cfg.image.seed)
     started = time.perf_counter()
@@ -247,10 +252,12 @@ def embed_image(spark: SparkSession, cfg: Config, run_id: str, weights: str) -> 
             stale.alias("s"), "t.modality = 'image' AND t.article_id = s.article_id"
         ).whenMatchedDelete().execute()
     stale.unpersist()
-    # one image model is served: vectors of an earlier model leave with its configuration
-    DeltaTable.forName(spark, tables.qualified(db, tables.ITEM_EMBEDDINGS)).delete(
-        (F.col("modality") == "image") & (F.col("model_id") != mid)
-    )
+    # one image model is served: vectors of an earlier model leave with its configuration (looked
+    # for first: the files' model_id statistics answer it without a scan, where a DELETE that
+    # finds nothing still costs ~1.4 s on 2 cores)
+    other_model = (F.col("modality") == "image") & (F.col("model_id") != mid)
+    if tables.read(spark, db, tables.ITEM_EMBEDDINGS).where(other_model).limit(1).count():
+        DeltaTable.forName(spark, tables.qualified(db, tables.ITEM_EMBEDDINGS)).delete(other_model)
     if results is not None:
         results.unpersist()
     seconds = time.perf_counter() - started
