@@ -307,12 +307,13 @@ def _write(spark: SparkSession, db: str, written: list[Written]) -> None:
 
 def measure(spark: SparkSession, cfg: Config, written: list[Written], common: DataFrame,
             column: str = "category_l3") -> dict[str, dict[str, Any]]:
-    """Rows, articles and category precision@K of the written modalities, in one pass over
-    ``item_neighbours``.
+    """Rows, articles and category precision@K of the written modalities: the counts in one
+    pass over their slices of ``item_neighbours``, the precision over the measured lists only.
 
     Category precision is the share of (article, neighbour) pairs whose ``column`` (default:
     product type) is equal, over the measured lists (``Written.measured``: all of a full slice,
-    the rewritten lists of an update), and over those of them whose article is in ``common``.
+    read from the table; the rewritten lists of an update, read from ``Written.rows``), and over
+    those of them whose article is in ``common``.
 
     Returns:
         Per modality: ``articles``, ``rows``, ``measured_on``, ``category_precision_at_k``,
@@ -321,23 +322,21 @@ def measure(spark: SparkSession, cfg: Config, written: list[Written], common: Da
     db = cfg.data.database
     modalities = [w.modality for w in written]
     whole = [w.modality for w in written if w.measured is None]
-    parts = [w.measured.select(F.lit(w.modality).alias("modality"), "article_id")
-             for w in written if w.measured is not None]
     lists = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality").isin(modalities))
-    measured = F.col("modality").isin(whole) if whole else F.lit(False)
-    if parts:
-        scope = functools.reduce(DataFrame.unionByName, parts).distinct().withColumn("_scope", F.lit(True))
-        lists = lists.join(scope, ["modality", "article_id"], "left")
-        measured = measured | F.col("_scope").isNotNull()
+    sizes = {r["modality"]: r for r in lists.groupBy("modality").agg(
+        F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles")).collect()}
+    # the measured lists: a full slice as written, an update's rewritten lists as it wrote them
+    # (its rows, a local checkpoint: no join of the whole slice to find them)
+    parts = [lists.where(F.col("modality").isin(whole))] if whole else []
+    parts += [w.rows for w in written if w.measured is not None]
+    measured = functools.reduce(DataFrame.unionByName, [p.select("modality", "article_id", "neighbour_id") for p in parts])
     cats = tables.read(spark, db, tables.ARTICLES).select("article_id", F.col(column).alias("_cat"))
-    pairs = (lists.join(common.withColumn("_common", F.lit(True)), "article_id", "left")
+    pairs = (measured.join(common.withColumn("_common", F.lit(True)), "article_id", "left")
              .join(cats, "article_id", "left")
              .join(cats.select(F.col("article_id").alias("neighbour_id"), F.col("_cat").alias("_n_cat")),
                    "neighbour_id", "left")
-             .withColumn("_same", F.when(measured, (F.col("_cat") == F.col("_n_cat")).cast("double"))))
+             .withColumn("_same", (F.col("_cat") == F.col("_n_cat")).cast("double")))
     rows = pairs.groupBy("modality").agg(
-        F.count(F.lit(1)).alias("rows"),
-        F.countDistinct("article_id").alias("articles"),
         F.avg("_same").alias("precision"),
         F.avg(F.when(F.col("_common").isNotNull(), F.col("_same"))).alias("precision_common"),
     ).collect()
@@ -346,8 +345,8 @@ def measure(spark: SparkSession, cfg: Config, written: list[Written], common: Da
     def rounded(value: Any) -> float:
         return round(float(value), 4) if value is not None else float("nan")
 
-    return {m: {"articles": int(got[m]["articles"]) if m in got else 0,
-                "rows": int(got[m]["rows"]) if m in got else 0,
+    return {m: {"articles": int(sizes[m]["articles"]) if m in sizes else 0,
+                "rows": int(sizes[m]["rows"]) if m in sizes else 0,
                 "measured_on": "all lists" if m in whole else "rewritten lists",
                 "category_precision_at_k": rounded(got[m]["precision"] if m in got else None),
                 "category_precision_common_at_k": rounded(got[m]["precision_common"] if m in got else None)}
