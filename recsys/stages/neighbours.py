@@ -271,13 +271,11 @@ class Written:
         rows: the table's columns; the whole slice (``replaced`` None) or the rewritten lists.
         replaced: an update's superseded lists (``article_id``: rewritten or removed), None for a
             full slice.
-        measured: ``article_id`` of the lists to measure (None: all of the modality's).
     """
 
     modality: str
     rows: DataFrame
     replaced: DataFrame | None
-    measured: DataFrame | None
 
 
 def _write(spark: SparkSession, db: str, written: list[Written]) -> None:
@@ -311,8 +309,8 @@ def measure(spark: SparkSession, cfg: Config, written: list[Written], common: Da
     pass over their slices of ``item_neighbours``, the precision over the measured lists only.
 
     Category precision is the share of (article, neighbour) pairs whose ``column`` (default:
-    product type) is equal, over the measured lists (``Written.measured``: all of a full slice,
-    read from the table; the rewritten lists of an update, read from ``Written.rows``), and over
+    product type) is equal, over the measured lists (all of a full slice, read from the table;
+    the lists an update rewrote, read from its ``Written.rows``), and over
     those of them whose article is in ``common``.
 
     Returns:
@@ -321,14 +319,14 @@ def measure(spark: SparkSession, cfg: Config, written: list[Written], common: Da
     """
     db = cfg.data.database
     modalities = [w.modality for w in written]
-    whole = [w.modality for w in written if w.measured is None]
+    whole = [w.modality for w in written if w.replaced is None]
     lists = tables.read(spark, db, tables.ITEM_NEIGHBOURS).where(F.col("modality").isin(modalities))
     sizes = {r["modality"]: r for r in lists.groupBy("modality").agg(
         F.count(F.lit(1)).alias("rows"), F.countDistinct("article_id").alias("articles")).collect()}
     # the measured lists: a full slice as written, an update's rewritten lists as it wrote them
     # (its rows, a local checkpoint: no join of the whole slice to find them)
     parts = [lists.where(F.col("modality").isin(whole))] if whole else []
-    parts += [w.rows for w in written if w.measured is not None]
+    parts += [w.rows for w in written if w.replaced is not None]
     measured = functools.reduce(DataFrame.unionByName, [p.select("modality", "article_id", "neighbour_id") for p in parts])
     cats = tables.read(spark, db, tables.ARTICLES).select("article_id", F.col(column).alias("_cat"))
     pairs = (measured.join(common.withColumn("_common", F.lit(True)), "article_id", "left")
@@ -387,7 +385,6 @@ def _neighbours_of(
         entry["seconds"] = round(time.perf_counter() - started, 2)
         return entry, None
     replaced: DataFrame | None = None  # update: the superseded lists (article_id)
-    measured: DataFrame | None = None
     if how.mode == "update":
         assert how.saved is not None and how.changed is not None and how.previous is not None
         bound = how.saved.bucket_bound(how.n_changed)
@@ -399,7 +396,6 @@ def _neighbours_of(
         entry["vectors"] = update.articles
         if not update.full:
             replaced = update.replaced
-            measured = result.select("article_id")
         entry["reason"] = (f"{how.reason}; {update.affected} lists searched again, {update.touched} entered by a "
                            "changed vector" + ("; full search (cheaper)" if update.full else ""))
         if update.largest_bucket is not None:
@@ -448,4 +444,4 @@ def _neighbours_of(
     entry["seconds"] = round(time.perf_counter() - started, 2)
     logger.info("neighbours %s: %s in %.1f s, recall@%d %s, probe macro-F1 %s", modality, how.mode, entry["seconds"],
                 cfg.knn.k, entry.get("recall_at_k", "n/a"), entry.get("probe_macro_f1", "n/a"))
-    return entry, Written(modality, rows, replaced, measured)
+    return entry, Written(modality, rows, replaced)
